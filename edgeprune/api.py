@@ -1,0 +1,62 @@
+"""High-level Python API: build a pipeline from names, run one request.
+
+```python
+from edgeprune.api import build_pipeline
+pipe = build_pipeline("tiny-llava", "cls-topk", tokens=64)
+result = pipe.run(image, "What is in the image?")
+```
+Heavy libraries are imported when a function is called, never at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Mapping
+
+from .methods.base import Budget, parse_method_args
+from .methods.registry import build_method
+
+
+def build_pipeline(model: str, method: str = "none", *, tokens: int | None = None, ratio: float | None = None,
+                   method_args: Mapping[str, str] | None = None, backend: str = "torch",
+                   random_weights: bool = False, dtype: str = "fp32", device: str = "cpu", loaded: Any = None) -> Any:
+    """Create a :class:`~edgeprune.runtime.pipeline.Pipeline`.
+
+    Args:
+        model: preset, local directory or Hugging Face id (ignored when ``loaded`` is given).
+        method: registered method name.
+        tokens / ratio: the budget (at most one).
+        method_args: method parameters as strings (``--method-arg``).
+        backend: ``torch`` (the reference).
+        random_weights, dtype, device: see ``edgeprune run --help``.
+        loaded: an already loaded :class:`~edgeprune.models.loader.LoadedModel` to reuse.
+    Raises:
+        UnknownMethodError, MethodArgumentError, BudgetError, UnknownModelError, ModelLoadError, BackendError.
+    """
+    from .errors import BackendError
+
+    budget = Budget(tokens=tokens, ratio=ratio)  # validate cheap inputs before loading anything
+    prune = build_method(method, method_args)
+    if backend != "torch":
+        raise BackendError(f"unknown backend {backend!r}; available: torch")
+    from .models.loader import load_model
+    from .runtime.pipeline import Pipeline
+    from .runtime.torch_backend import TorchBackend
+
+    if loaded is None:
+        loaded = load_model(model, random_weights=random_weights, dtype=dtype, device=device)
+    return Pipeline(TorchBackend(loaded, prune), budget, prune.positions, prune.uses_budget)
+
+
+def run_request(args: argparse.Namespace) -> Any:
+    """Run ``edgeprune run`` arguments: load the image first (fail fast), then the model, then the request."""
+    from .runtime.preprocess import default_image, load_image
+    from .runtime.sampling import SamplingConfig
+
+    sampling = SamplingConfig(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed)
+    image = load_image(args.image) if args.image else default_image()
+    pipe = build_pipeline(args.model, args.method, tokens=args.tokens, ratio=args.ratio,
+                          method_args=parse_method_args(args.method_arg), backend=args.backend,
+                          random_weights=args.random_weights, dtype=args.dtype, device=args.device)
+    return pipe.run(image, args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling)

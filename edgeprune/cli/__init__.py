@@ -1,0 +1,47 @@
+"""The ``edgeprune`` command line: one module per subcommand, each parsing arguments and calling the library.
+
+``edgeprune --help`` imports no torch (subcommand modules import heavy code inside their ``run`` function).
+A user mistake (:class:`~edgeprune.errors.EdgepruneError`) prints one ``error:`` line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from .. import __version__
+from ..errors import EdgepruneError
+from . import demo, methods, models, run
+
+COMMANDS = (run, demo, methods, models)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="edgeprune",
+        description="Deploy multimodal LLMs with visual-token pruning (GridPrune, G-Prune, FitPrune) on NVIDIA GPUs.",
+    )
+    parser.add_argument("--version", action="version", version=f"edgeprune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in COMMANDS:
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except EdgepruneError as exc:
+        print(f"edgeprune {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

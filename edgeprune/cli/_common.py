@@ -1,0 +1,49 @@
+"""Argument groups shared by subcommands, and the one place that reads environment variables (rule 12)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..errors import EdgepruneError
+
+
+def add_model_args(p: argparse.ArgumentParser, default: str | None = "tiny-llava") -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=default, help="preset name (see `edgeprune models`), a local LLaVA "
+                   "directory or a Hugging Face id (default: %(default)s)")
+    g.add_argument("--random-weights", action="store_true",
+                   help="build a named preset's architecture with random weights and a synthetic tokenizer "
+                        "(offline latency measurements)")
+    g.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="model dtype")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
+
+
+def add_method_args(p: argparse.ArgumentParser, default: str = "none") -> None:
+    g = p.add_argument_group("pruning")
+    g.add_argument("--method", default=default, help="pruning method (see `edgeprune methods`; default: %(default)s)")
+    budget = g.add_mutually_exclusive_group()
+    budget.add_argument("--tokens", type=int, help="keep K visual tokens (1 <= K <= N)")
+    budget.add_argument("--ratio", type=float, help="keep round(r*N) visual tokens, r in (0, 1]")
+    g.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="method parameter, repeatable (e.g. --method-arg seed=3)")
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: %(default)s)")
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+
+def check_positive(value: int, flag: str) -> None:
+    if value <= 0:
+        raise EdgepruneError(f"{flag} must be a positive integer; got {value}")
+
+
+def hub_offline() -> bool:
+    """True when the user asked for offline mode (``HF_HUB_OFFLINE=1``); recorded in profiles."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")

@@ -1,0 +1,149 @@
+"""Model families: the only code that knows Hugging Face attribute paths (DESIGN.md §4 ``ModelFamily``).
+
+A family turns pixel values into a :class:`VisualSequence` (the visual tokens as the LLM will see them, with
+the prunable subset exposed as :class:`~edgeprune.methods.base.VisualTokens`), and gives access to the
+embedding table, the decoder stack and the LM head through HF public seams (``vision_tower``,
+``multi_modal_projector``, ``language_model``, ``get_input_embeddings()``, ``lm_head``). No monkey-patching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..methods.base import TokenLayout, VisualTokens
+from ..runtime.preprocess import ImageConfig
+
+
+@dataclass
+class VisualSequence:
+    """The visual tokens of one image in LLM order, before pruning.
+
+    Attributes:
+        tokens: the prunable tokens (``features [1, N, D]``, ``cls_attn [1, N]``, layout).
+        total: T, the number of visual tokens the unpruned sequence has (N plus NeXT newline tokens).
+        prunable_pos: [N] int64, position of each prunable token within the T visual tokens.
+        extra_rows: [T - N, D] tokens that are always kept (NeXT ``image_newline``), or None.
+        extra_pos: [T - N] int64 positions of ``extra_rows``.
+    """
+
+    tokens: VisualTokens
+    total: int
+    prunable_pos: np.ndarray
+    extra_rows: torch.Tensor | None = None
+    extra_pos: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        """N, the number of prunable visual tokens."""
+        return self.tokens.n
+
+    def assemble(self, kept: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """Rows that enter the LLM after pruning and their positions within the T visual tokens.
+
+        Args:
+            kept: [K] int64 ascending indices into the N prunable tokens.
+        Returns:
+            (rows [K', D], positions [K'] int64 ascending), K' = K + number of always-kept tokens.
+        """
+        kept_np = kept.detach().cpu().numpy().astype(np.int64)
+        rows = self.tokens.features[0, kept.to(self.tokens.features.device)]
+        pos = self.prunable_pos[kept_np]
+        if self.extra_rows is None or self.extra_pos is None or len(self.extra_pos) == 0:
+            return rows, pos
+        pos = np.concatenate([pos, self.extra_pos])
+        rows = torch.cat([rows, self.extra_rows.to(rows.dtype)], dim=0)
+        order = np.argsort(pos, kind="stable")
+        return rows[torch.from_numpy(order).to(rows.device)], pos[order]
+
+
+def clip_features_and_cls_attn(vision_tower: Any, projector: Any, pixel_values: torch.Tensor,
+                               feature_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected patch features of CLIP layer ``feature_layer`` and the [CLS]->patch attention of that layer.
+
+    The attention row is recomputed from that layer's q/k (softmax(q_cls kᵀ · scale), mean over heads) so the
+    vision tower can keep its fused attention (METHODS.md decision 8).
+
+    Args:
+        vision_tower: a ``CLIPVisionModel``.
+        projector: the multimodal projector.
+        pixel_values: [V, 3, H, W].
+        feature_layer: negative index into the hidden states (LLaVA: -2).
+    Returns:
+        (features [V, P, D] projected, cls_attn [V, P] float32), P = patches per view ([CLS] dropped).
+    """
+    out = vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+    hidden = out.hidden_states  # L + 1 entries; hidden[j] (j < 0) is the output of encoder layer j
+    feats = projector(hidden[feature_layer][:, 1:])
+    # transformers 5.x flattened CLIPVisionModel; 4.x nests it under .vision_model
+    encoder = getattr(vision_tower, "vision_model", vision_tower).encoder
+    layer = encoder.layers[feature_layer]
+    attn = layer.self_attn
+    h = layer.layer_norm1(hidden[feature_layer - 1])
+    v, t, _ = h.shape
+    q = attn.q_proj(h[:, :1]).view(v, 1, attn.num_heads, attn.head_dim).transpose(1, 2).float()
+    k = attn.k_proj(h).view(v, t, attn.num_heads, attn.head_dim).transpose(1, 2).float()
+    probs = torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1)  # [V, H, 1, T]
+    cls_attn = probs.mean(dim=1)[:, 0, 1:]
+    return feats, cls_attn
+
+
+class ModelFamily:
+    """Base adapter; subclasses implement :meth:`visual_sequence` for their packing."""
+
+    name = ""
+    model_type = ""
+
+    # --- HF public seams -------------------------------------------------------------------------
+    @staticmethod
+    def inner(model: Any) -> Any:
+        """The ``LlavaModel``/``LlavaNextModel`` inside the ``...ForConditionalGeneration`` wrapper."""
+        return model.model
+
+    def language_model(self, model: Any) -> Any:
+        """The decoder stack (``LlamaModel``/``MistralModel``) that takes ``inputs_embeds``."""
+        return self.inner(model).language_model
+
+    def embed_tokens(self, model: Any) -> Any:
+        return model.get_input_embeddings()
+
+    def lm_head(self, model: Any) -> Any:
+        return model.lm_head
+
+    def patch_grid(self, model: Any) -> tuple[int, int]:
+        vc = model.config.vision_config
+        side = vc.image_size // vc.patch_size
+        return side, side
+
+    def image_features(self, model: Any, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-view projected features [V, P, D] and [CLS] attention [V, P] (see the module function)."""
+        inner = self.inner(model)
+        dtype = next(inner.vision_tower.parameters()).dtype
+        return clip_features_and_cls_attn(inner.vision_tower, inner.multi_modal_projector,
+                                          pixel_values.to(dtype), model.config.vision_feature_layer)
+
+    def visual_sequence(self, model: Any, pixel_values: torch.Tensor, image_size: tuple[int, int],
+                        image_config: ImageConfig) -> VisualSequence:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def hf_image_kwargs(self, pixel_values: torch.Tensor, image_size: tuple[int, int]) -> dict[str, Any]:
+        """Keyword arguments that feed the same image to the HF model's own forward/generate (for parity tests)."""
+        return {"pixel_values": pixel_values}
+
+
+class LlavaFamily(ModelFamily):
+    """LLaVA-1.5: one 336 px view, 576 tokens, no newline tokens."""
+
+    name = "llava"
+    model_type = "llava"
+
+    def visual_sequence(self, model: Any, pixel_values: torch.Tensor, image_size: tuple[int, int],
+                        image_config: ImageConfig) -> VisualSequence:
+        feats, cls_attn = self.image_features(model, pixel_values[:1])
+        rows, cols = self.patch_grid(model)
+        tokens = VisualTokens(features=feats, cls_attn=cls_attn, layout=TokenLayout.single_view(rows, cols))
+        n = feats.shape[1]
+        return VisualSequence(tokens=tokens, total=n, prunable_pos=np.arange(n, dtype=np.int64))

@@ -1,0 +1,1 @@
+"""Runtime: runners, pipeline, profiler, preprocessing."""

@@ -1,0 +1,63 @@
+"""The backend interface the :class:`~edgeprune.runtime.pipeline.Pipeline` drives.
+
+A backend owns the heavy tensors (visual features, embeddings, KV cache) in its own array type and exposes the
+stages the pipeline times: ``encode_image`` (vision), ``select`` (prune), ``splice`` (embed + host splice),
+``prefill`` and ``decode``. The pipeline itself handles only small host data: token ids, kept indices,
+position ids and last-token logits as numpy arrays, so the torch reference, ONNX Runtime and TensorRT backends
+share one decoding loop. Graph backends (ONNX Runtime, TensorRT) implement the stages with one Runner per
+exported graph.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..runtime.preprocess import ImageConfig
+
+
+class TextCodec(Protocol):
+    """The two tokenizer operations the pipeline needs."""
+
+    def encode(self, text: str, add_bos: bool) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class Backend:
+    """Base class of pipeline backends (see module docstring). Subclasses set the attributes below."""
+
+    name = ""
+    image_config: ImageConfig
+    template: str
+    codec: TextCodec
+    eos_token_id: int | None
+    max_positions: int
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (profiling); CPU backends do nothing."""
+
+    def encode_image(self, pixel_values: np.ndarray, image_size: tuple[int, int]) -> Any:
+        """Vision stage: return an opaque visual handle with attributes ``n`` (prunable) and ``total``."""
+        raise NotImplementedError
+
+    def select(self, visual: Any, k: int) -> np.ndarray:
+        """Prune stage: kept indices ``[K]`` (int64, ascending) into the N prunable tokens."""
+        raise NotImplementedError
+
+    def splice(self, prefix: list[int], visual: Any, kept: np.ndarray, suffix: list[int]) -> tuple[Any, np.ndarray]:
+        """Embed stage: the prompt embeddings with the kept visual rows spliced in.
+
+        Returns:
+            (opaque embeddings ``[1, L, D]``, visual positions ``[K']`` within the T visual tokens).
+        """
+        raise NotImplementedError
+
+    def prefill(self, embeds: Any, position_ids: np.ndarray) -> np.ndarray:
+        """Prefill stage: start a fresh KV cache, return last-token logits ``[V]`` (float32)."""
+        raise NotImplementedError
+
+    def decode(self, token: int, position: int) -> np.ndarray:
+        """One decode step with the KV cache, return logits ``[V]``."""
+        raise NotImplementedError

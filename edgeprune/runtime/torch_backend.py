@@ -1,0 +1,98 @@
+"""The ``torch`` backend: the reference, running the Hugging Face model through its public seams.
+
+Vision and projector come from the family adapter, pruning is the method's reference, the LLM runs on
+``inputs_embeds`` with explicit ``position_ids`` and a ``DynamicCache``; transformers is not patched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._deps import require
+from ..methods.base import PruningMethod
+from ..models.family import VisualSequence
+from ..models.loader import LoadedModel
+from .backend import Backend
+
+
+class HFTextCodec:
+    """:class:`~edgeprune.runtime.backend.TextCodec` over a Hugging Face tokenizer."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def encode(self, text: str, add_bos: bool) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_bos).input_ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class TorchBackend(Backend):
+    """Reference backend over a :class:`~edgeprune.models.loader.LoadedModel` and a pruning method."""
+
+    name = "torch"
+
+    def __init__(self, loaded: LoadedModel, method: PruningMethod) -> None:
+        self.loaded = loaded
+        self.method = method
+        self.model = loaded.model
+        self.family = loaded.family
+        self.image_config = loaded.image_config
+        self.template = loaded.template
+        self.codec = HFTextCodec(loaded.tokenizer)
+        self.eos_token_id = loaded.eos_token_id
+        self.max_positions = loaded.max_positions
+        self.device = next(self.model.parameters()).device
+        self.dtype = next(self.model.parameters()).dtype
+        self._cache: Any = None
+        self._seq_len = 0
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def encode_image(self, pixel_values: np.ndarray, image_size: tuple[int, int]) -> VisualSequence:
+        pixels = torch.from_numpy(pixel_values).to(self.device)
+        return self.family.visual_sequence(self.model, pixels, image_size, self.image_config)
+
+    @torch.inference_mode()
+    def select(self, visual: VisualSequence, k: int) -> np.ndarray:
+        return self.method.select(visual.tokens, k)[0].cpu().numpy().astype(np.int64)
+
+    @torch.inference_mode()
+    def splice(self, prefix: list[int], visual: VisualSequence, kept: np.ndarray,
+               suffix: list[int]) -> tuple[torch.Tensor, np.ndarray]:
+        embed = self.family.embed_tokens(self.model)
+        rows, pos = visual.assemble(torch.from_numpy(kept))
+        ids = torch.tensor([prefix + suffix], dtype=torch.long, device=self.device)
+        text = embed(ids)[0]
+        embeds = torch.cat([text[: len(prefix)], rows.to(text.dtype), text[len(prefix):]], dim=0)
+        return embeds.unsqueeze(0), pos
+
+    def _step(self, embeds: torch.Tensor, position_ids: torch.Tensor) -> np.ndarray:
+        lm = self.family.language_model(self.model)
+        self._seq_len += embeds.shape[1]
+        mask = torch.ones(1, self._seq_len, dtype=torch.long, device=self.device)
+        out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids.to(self.device).unsqueeze(0),
+                 past_key_values=self._cache, use_cache=True)
+        self._cache = out.past_key_values
+        logits = self.family.lm_head(self.model)(out.last_hidden_state[:, -1])
+        return logits[0].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def prefill(self, embeds: torch.Tensor, position_ids: np.ndarray) -> np.ndarray:
+        transformers = require("transformers")
+        self._cache = transformers.DynamicCache(config=self.model.config.text_config)
+        self._seq_len = 0
+        return self._step(embeds, torch.from_numpy(position_ids))
+
+    @torch.inference_mode()
+    def decode(self, token: int, position: int) -> np.ndarray:
+        ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
+        embeds = self.family.embed_tokens(self.model)(ids)
+        return self._step(embeds, torch.tensor([position], dtype=torch.long))
