@@ -39,6 +39,10 @@ def build_pipeline(model: str, method: str = "none", *, tokens: int | None = Non
     prune = build_method(method, method_args)
     if backend != "torch":
         raise BackendError(f"unknown backend {backend!r}; available: torch")
+    from ._deps import require
+
+    require("torch")  # the torch backend needs torch and transformers: say which extra, not a traceback
+    require("transformers")
     from .models.loader import load_model
     from .runtime.pipeline import Pipeline
     from .runtime.torch_backend import TorchBackend

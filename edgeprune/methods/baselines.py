@@ -50,17 +50,26 @@ class RandomPrune(PruningMethod):
 
 
 class UniformPrune(PruningMethod):
-    """K tokens evenly strided over the raster order (a spatially uniform sample)."""
+    """K tokens on a spatially uniform lattice.
+
+    One full view (LLaVA-1.5): a near-square 2-D lattice over the patch grid. Other layouts (LLaVA-NeXT's base
+    view + unpadded crops): K tokens evenly strided over the raster order of the prunable tokens.
+    """
 
     name = "uniform"
-    summary = "K tokens evenly strided in raster order (spatially uniform)"
+    summary = "K tokens on a spatially uniform lattice (strided rows and columns)"
     paper = "baseline"
 
     def _select(self, tokens: VisualTokens, k: int) -> "torch.Tensor":
         from . import functional as F
 
         b, n = tokens.features.shape[:2]
-        return F.uniform_indices(n, k).to(tokens.features.device).expand(b, k).clone()
+        rows, cols = tokens.layout.grid
+        if tokens.layout.num_views == 1 and n == rows * cols:
+            idx = F.uniform_grid_indices(rows, cols, k)
+        else:
+            idx = F.uniform_indices(n, k)
+        return idx.to(tokens.features.device).expand(b, k).clone()
 
 
 class ClsTopK(PruningMethod):

@@ -47,6 +47,25 @@ def uniform_indices(n: int, k: int) -> torch.Tensor:
     return torch.floor((i + 0.5) * n / k).to(torch.int64)
 
 
+def uniform_grid_indices(rows: int, cols: int, k: int) -> torch.Tensor:
+    """K indices forming a near-square lattice over a rows x cols raster grid (exact K, ascending).
+
+    ``m = max(ceil(K / cols), round(sqrt(K * rows / cols)))`` rows are strided over the grid; the K tokens are
+    shared among them as evenly as possible (earlier rows take the remainder) and strided within each row.
+    K = 64 on 24 x 24 gives the 8 x 8 lattice at rows and columns 1, 4, ..., 22.
+
+    Returns:
+        [K] int64.
+    """
+    import math
+
+    m = min(rows, k, max(math.ceil(k / cols), round(math.sqrt(k * rows / cols))))
+    sel_rows = uniform_indices(rows, m)
+    per_row = [k // m + (1 if i < k % m else 0) for i in range(m)]
+    parts = [int(r) * cols + uniform_indices(cols, c) for r, c in zip(sel_rows.tolist(), per_row)]
+    return torch.cat(parts)
+
+
 def random_indices(batch: int, n: int, k: int, seed: int) -> torch.Tensor:
     """K distinct indices drawn uniformly at random, reproducible from ``seed``, ascending.
 

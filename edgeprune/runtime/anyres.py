@@ -164,7 +164,7 @@ def _unpadded_range(current: tuple[int, int], original: tuple[int, int]) -> tupl
     orig_h, orig_w = original
     if orig_w / orig_h > cur_w / cur_h:
         # round(..., 7) guards float noise like 335.99999999; the same padding is cut from both ends, so
-        # the kept size can be new_h - 1 when the difference is odd (HF behaviour, kept on purpose).
+        # the kept size is new_h + 1 when the difference is odd (HF behaviour, kept on purpose).
         new_h = int(round(orig_h * (cur_w / orig_w), 7))
         pad = (cur_h - new_h) // 2
         return slice(pad, cur_h - pad), slice(0, cur_w)

@@ -188,7 +188,9 @@ def _hf_crop(crop: Any) -> int:
         return int(crop["height"])
     if isinstance(crop, Mapping) and "shortest_edge" in crop:
         return int(crop["shortest_edge"])
-    raise ModelLoadError(f"unsupported preprocessor crop_size {crop!r}; expected a square {{'height': s, 'width': s}}")
+    raise ModelLoadError(
+        f"unsupported preprocessor crop_size {crop!r}; expected a square {{'height': s, 'width': s}}"
+    )
 
 
 def load_image(path: str | os.PathLike[str]) -> Image.Image:

@@ -68,7 +68,8 @@ class Sampler:
         if cfg.top_p < 1.0:
             order = np.argsort(-probs, kind="stable")
             cum = np.cumsum(probs[order])
-            cut = int(np.searchsorted(cum, cfg.top_p)) + 1  # smallest prefix with mass >= top_p
+            # smallest prefix with mass >= top_p (tolerance: 0.5 + 0.3 may sum to 0.79999...)
+            cut = int(np.searchsorted(cum, cfg.top_p - 1e-9)) + 1
             keep = np.zeros_like(probs, dtype=bool)
             keep[order[:cut]] = True
             probs = np.where(keep, probs, 0.0)
