@@ -19,7 +19,8 @@ from .methods.registry import build_method
 
 def build_pipeline(model: str, method: str = "none", *, tokens: int | None = None, ratio: float | None = None,
                    method_args: Mapping[str, str] | None = None, backend: str = "torch",
-                   random_weights: bool = False, dtype: str = "fp32", device: str = "cpu", loaded: Any = None) -> Any:
+                   random_weights: bool = False, dtype: str = "fp32", device: str = "cpu", loaded: Any = None,
+                   clip: str | None = None) -> Any:
     """Create a :class:`~edgeprune.runtime.pipeline.Pipeline`.
 
     Args:
@@ -30,6 +31,8 @@ def build_pipeline(model: str, method: str = "none", *, tokens: int | None = Non
         backend: ``torch`` (the reference).
         random_weights, dtype, device: see ``edgeprune run --help``.
         loaded: an already loaded :class:`~edgeprune.models.loader.LoadedModel` to reuse.
+        clip: CLIP checkpoint for text guidance (``--clip``); text-guided methods default to ``tiny-clip`` on the
+            offline presets and to a random CLIP-L/336 with ``--random-weights``, else to ``guidance=llm``.
     Raises:
         UnknownMethodError, MethodArgumentError, BudgetError, UnknownModelError, ModelLoadError, BackendError.
     """
@@ -49,7 +52,15 @@ def build_pipeline(model: str, method: str = "none", *, tokens: int | None = Non
 
     if loaded is None:
         loaded = load_model(model, random_weights=random_weights, dtype=dtype, device=device)
-    return Pipeline(TorchBackend(loaded, prune), budget, prune.positions, prune.uses_budget)
+    guide = None
+    if prune.needs_guidance and getattr(prune.params, "guidance", "") != "llm":
+        from .models.clip_guidance import TINY_CLIP, load_clip
+
+        spec = clip or (TINY_CLIP if loaded.source == "offline-preset" else None)
+        if spec is not None or loaded.source == "random-weights":
+            guide = load_clip(spec or "", loaded.config.vision_config, random_weights=loaded.source == "random-weights",
+                              dtype=next(loaded.model.parameters()).dtype, device=device)
+    return Pipeline(TorchBackend(loaded, prune, guide), budget, prune.positions, prune.uses_budget)
 
 
 def run_request(args: argparse.Namespace) -> Any:
@@ -62,5 +73,6 @@ def run_request(args: argparse.Namespace) -> Any:
     image = load_image(args.image) if args.image else default_image()
     pipe = build_pipeline(args.model, args.method, tokens=args.tokens, ratio=args.ratio,
                           method_args=parse_method_args(args.method_arg), backend=args.backend,
-                          random_weights=args.random_weights, dtype=args.dtype, device=args.device)
+                          random_weights=args.random_weights, dtype=args.dtype, device=args.device,
+                          clip=args.clip)
     return pipe.run(image, args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling)

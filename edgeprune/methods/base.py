@@ -150,7 +150,8 @@ class PruningMethod:
 
     Class attributes a subclass sets: ``name``, ``summary``, ``paper``, ``placement`` (``pre_llm`` or
     ``in_llm``), ``default_positions`` and ``Params`` (a frozen dataclass deriving from :class:`MethodParams`).
-    ``uses_budget`` is False for methods that keep every token (``none``).
+    ``uses_budget`` is False for methods that keep every token (``none``); ``needs_guidance`` is True for
+    text-conditioned methods, whose :class:`VisualTokens` then carry a ``guidance`` vector.
     """
 
     name: ClassVar[str] = ""
@@ -159,6 +160,7 @@ class PruningMethod:
     placement: ClassVar[str] = "pre_llm"
     default_positions: ClassVar[str] = "compact"
     uses_budget: ClassVar[bool] = True
+    needs_guidance: ClassVar[bool] = False  # True: the pipeline computes text guidance from the question
     Params: ClassVar[type[MethodParams]] = MethodParams
 
     def __init__(self, params: MethodParams | None = None) -> None:
@@ -281,6 +283,9 @@ def describe_fields(params_cls: type[MethodParams]) -> list[dict[str, str]]:
     hints = typing.get_type_hints(params_cls)
     for f in dataclasses.fields(params_cls):
         typ = hints.get(f.name, str)
-        tname = getattr(typ, "__name__", None) or str(typ).replace("typing.", "")
+        if typing.get_origin(typ) is typing.Literal:
+            tname = "|".join(map(str, typing.get_args(typ)))
+        else:
+            tname = getattr(typ, "__name__", None) or str(typ).replace("typing.", "")
         rows.append({"name": f.name, "type": tname, "default": repr(f.default), "help": f.metadata.get("help", "")})
     return rows

@@ -73,6 +73,7 @@ class GridPrune(PruningMethod):
     paper = "GridPrune, arXiv 2511.10081"
     placement = "pre_llm"
     default_positions = "compact"
+    needs_guidance = True
     Params = GridPruneParams
 
     def guidance_source(self, tokens: VisualTokens) -> str:

@@ -10,9 +10,11 @@ from typing import Mapping
 from ..errors import UnknownMethodError
 from .base import PruningMethod
 from .baselines import ClsTopK, NoPrune, RandomPrune, UniformPrune
+from .gprune import GPrune
+from .gridprune import GridPrune
 
 METHODS: dict[str, type[PruningMethod]] = {
-    cls.name: cls for cls in (NoPrune, RandomPrune, UniformPrune, ClsTopK)
+    cls.name: cls for cls in (NoPrune, RandomPrune, UniformPrune, ClsTopK, GridPrune, GPrune)
 }
 
 

@@ -61,7 +61,7 @@ class VisualSequence:
 
 
 def clip_features_and_cls_attn(vision_tower: Any, projector: Any, pixel_values: torch.Tensor,
-                               feature_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+                               feature_layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Projected patch features of CLIP layer ``feature_layer`` and the [CLS]->patch attention of that layer.
 
     The attention row is recomputed from that layer's q/k (softmax(q_cls kᵀ · scale), mean over heads) so the
@@ -73,11 +73,13 @@ def clip_features_and_cls_attn(vision_tower: Any, projector: Any, pixel_values: 
         pixel_values: [V, 3, H, W].
         feature_layer: negative index into the hidden states (LLaVA: -2).
     Returns:
-        (features [V, P, D] projected, cls_attn [V, P] float32), P = patches per view ([CLS] dropped).
+        (features [V, P, D] projected, cls_attn [V, P] float32, hidden [V, P, Dv] the layer's patch states
+        before the projector), P = patches per view ([CLS] dropped).
     """
     out = vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
     hidden = out.hidden_states  # L + 1 entries; hidden[j] (j < 0) is the output of encoder layer j
-    feats = projector(hidden[feature_layer][:, 1:])
+    patches = hidden[feature_layer][:, 1:]
+    feats = projector(patches)
     # transformers 5.x flattened CLIPVisionModel; 4.x nests it under .vision_model
     encoder = getattr(vision_tower, "vision_model", vision_tower).encoder
     layer = encoder.layers[feature_layer]
@@ -88,7 +90,7 @@ def clip_features_and_cls_attn(vision_tower: Any, projector: Any, pixel_values: 
     k = attn.k_proj(h).view(v, t, attn.num_heads, attn.head_dim).transpose(1, 2).float()
     probs = torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1)  # [V, H, 1, T]
     cls_attn = probs.mean(dim=1)[:, 0, 1:]
-    return feats, cls_attn
+    return feats, cls_attn, patches
 
 
 class ModelFamily:
@@ -118,15 +120,21 @@ class ModelFamily:
         side = vc.image_size // vc.patch_size
         return side, side
 
-    def image_features(self, model: Any, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-view projected features [V, P, D] and [CLS] attention [V, P] (see the module function)."""
+    def image_features(self, model: Any, pixel_values: torch.Tensor,
+                       clip: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per-view projected features [V, P, D], [CLS] attention [V, P] and, when ``clip`` (a
+        :class:`~edgeprune.models.clip_guidance.ClipGuidance`) is given, CLIP-space patch embeddings [V, P, Dc]."""
         inner = self.inner(model)
-        dtype = next(inner.vision_tower.parameters()).dtype
-        return clip_features_and_cls_attn(inner.vision_tower, inner.multi_modal_projector,
-                                          pixel_values.to(dtype), model.config.vision_feature_layer)
+        tower = inner.vision_tower
+        dtype = next(tower.parameters()).dtype
+        feats, cls_attn, hidden = clip_features_and_cls_attn(tower, inner.multi_modal_projector,
+                                                             pixel_values.to(dtype), model.config.vision_feature_layer)
+        clip_embeds = None if clip is None else clip.patch_embeds(tower.post_layernorm, hidden)
+        return feats, cls_attn, clip_embeds
 
     def visual_sequence(self, model: Any, pixel_values: torch.Tensor, image_size: tuple[int, int],
-                        image_config: ImageConfig) -> VisualSequence:  # pragma: no cover - abstract
+                        image_config: ImageConfig, clip: Any = None) -> VisualSequence:  # pragma: no cover
+        """The image's visual tokens in LLM order (abstract); ``clip`` adds CLIP-space patch embeddings."""
         raise NotImplementedError
 
     def hf_image_kwargs(self, pixel_values: torch.Tensor, image_size: tuple[int, int]) -> dict[str, Any]:
@@ -141,9 +149,10 @@ class LlavaFamily(ModelFamily):
     model_type = "llava"
 
     def visual_sequence(self, model: Any, pixel_values: torch.Tensor, image_size: tuple[int, int],
-                        image_config: ImageConfig) -> VisualSequence:
-        feats, cls_attn = self.image_features(model, pixel_values[:1])
+                        image_config: ImageConfig, clip: Any = None) -> VisualSequence:
+        feats, cls_attn, clip_embeds = self.image_features(model, pixel_values[:1], clip)
         rows, cols = self.patch_grid(model)
-        tokens = VisualTokens(features=feats, cls_attn=cls_attn, layout=TokenLayout.single_view(rows, cols))
+        tokens = VisualTokens(features=feats, cls_attn=cls_attn, layout=TokenLayout.single_view(rows, cols),
+                              clip_embeds=clip_embeds)
         n = feats.shape[1]
         return VisualSequence(tokens=tokens, total=n, prunable_pos=np.arange(n, dtype=np.int64))

@@ -25,11 +25,11 @@ class LlavaNextFamily(ModelFamily):
     model_type = "llava_next"
 
     def visual_sequence(self, model: Any, pixel_values: torch.Tensor, image_size: tuple[int, int],
-                        image_config: ImageConfig) -> VisualSequence:
+                        image_config: ImageConfig, clip: Any = None) -> VisualSequence:
         vc = model.config.vision_config
         pins = [list(p) for p in model.config.image_grid_pinpoints]
         layout = pack_layout(tuple(image_size), pins, vc.image_size, vc.patch_size)
-        feats, cls_attn = self.image_features(model, pixel_values)  # [V, P, D], [V, P]
+        feats, cls_attn, clip_embeds = self.image_features(model, pixel_values, clip)  # [V, P, *]
         flat = feats.reshape(-1, feats.shape[-1])
         flat_attn = cls_attn.reshape(-1)
         prunable = np.flatnonzero(layout.source >= 0)
@@ -37,6 +37,7 @@ class LlavaNextFamily(ModelFamily):
         tokens = VisualTokens(
             features=flat[src].unsqueeze(0),
             cls_attn=flat_attn[src].unsqueeze(0),
+            clip_embeds=None if clip_embeds is None else clip_embeds.reshape(-1, clip_embeds.shape[-1])[src][None],
             layout=TokenLayout(view=layout.view[prunable], row=layout.row[prunable], col=layout.col[prunable],
                                group=layout.group[prunable], grid=self.patch_grid(model)),
         )

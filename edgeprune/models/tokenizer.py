@@ -31,6 +31,26 @@ _CORPUS = [
 ]
 
 
+def _pseudo_words(taken: set[str]):
+    """Deterministic filler entries: space-prefixed consonant-vowel words (" ka", " molu", ...).
+
+    Random-weight models emit filler ids often; pseudo-words make their (meaningless) answers readable text
+    rather than tag soup. ``Ġ`` is the byte-level BPE symbol of a leading space.
+    """
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    n = 1
+    while True:
+        for i in range(len(syllables) ** n):
+            parts = []
+            for _ in range(n):
+                i, r = divmod(i, len(syllables))
+                parts.append(syllables[r])
+            word = "\u0120" + "".join(parts)
+            if word not in taken:
+                yield word
+        n += 1
+
+
 def build_tokenizer(vocab_size: int, image_token_id: int, pad_token_id: int | None = None,
                     bpe_size: int = 700, chat_template: str | None = None) -> Any:
     """Build a ``PreTrainedTokenizerFast`` with exactly ``vocab_size`` ids.
@@ -67,8 +87,9 @@ def build_tokenizer(vocab_size: int, image_token_id: int, pad_token_id: int | No
     spec = json.loads(tok.to_str())
     vocab: dict[str, int] = spec["model"]["vocab"]
     fixed = {image_token_id: IMAGE, pad_token_id: PAD if pad_token_id != 0 else UNK}
+    words = _pseudo_words(set(vocab))
     for i in range(len(vocab), vocab_size):
-        vocab[fixed.get(i, f"<|reserved_{i}|>")] = i
+        vocab[fixed.get(i) or next(words)] = i
     spec["model"]["vocab"] = vocab
     spec["added_tokens"] = []
     tok = tokenizers.Tokenizer.from_str(json.dumps(spec))

@@ -42,7 +42,13 @@ class Backend:
         """Vision stage: return an opaque visual handle with attributes ``n`` (prunable) and ``total``."""
         raise NotImplementedError
 
-    def select(self, visual: Any, k: int) -> np.ndarray:
+    needs_guidance = False  # True when the method is text-conditioned (a "guidance" stage runs)
+
+    def guidance(self, question: str) -> Any:
+        """Guidance stage: the text guidance vector of the question (opaque), for text-conditioned methods."""
+        raise NotImplementedError
+
+    def select(self, visual: Any, k: int, guidance: Any = None) -> np.ndarray:
         """Prune stage: kept indices ``[K]`` (int64, ascending) into the N prunable tokens."""
         raise NotImplementedError
 

@@ -112,8 +112,12 @@ class Pipeline:
         n, total = int(visual.n), int(visual.total)
         k = self.budget.resolve(n) if self.uses_budget else n
         check_context(len(prefix), total, len(suffix), max_new_tokens, be.max_positions)
+        guidance = None
+        if be.needs_guidance:
+            with prof.span("guidance"):
+                guidance = be.guidance(prompt)
         with prof.span("prune"):
-            kept = be.select(visual, k)
+            kept = be.select(visual, k, guidance)
         with prof.span("embed"):
             embeds, kept_pos = be.splice(prefix, visual, kept, suffix)
         pos = position_ids(len(prefix), total, len(suffix), kept_pos, self.positions)

@@ -6,6 +6,7 @@ Vision and projector come from the family adapter, pruning is the method's refer
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -36,9 +37,11 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, loaded: LoadedModel, method: PruningMethod) -> None:
+    def __init__(self, loaded: LoadedModel, method: PruningMethod, clip: Any = None) -> None:
+        """``clip``: a :class:`~edgeprune.models.clip_guidance.ClipGuidance` for ``guidance=clip`` methods."""
         self.loaded = loaded
         self.method = method
+        self.clip = clip if method.needs_guidance and getattr(method.params, "guidance", "") != "llm" else None
         self.model = loaded.model
         self.family = loaded.family
         self.image_config = loaded.image_config
@@ -58,11 +61,26 @@ class TorchBackend(Backend):
     @torch.inference_mode()
     def encode_image(self, pixel_values: np.ndarray, image_size: tuple[int, int]) -> VisualSequence:
         pixels = torch.from_numpy(pixel_values).to(self.device)
-        return self.family.visual_sequence(self.model, pixels, image_size, self.image_config)
+        return self.family.visual_sequence(self.model, pixels, image_size, self.image_config, self.clip)
+
+    @property
+    def needs_guidance(self) -> bool:  # type: ignore[override]
+        return self.method.needs_guidance
 
     @torch.inference_mode()
-    def select(self, visual: VisualSequence, k: int) -> np.ndarray:
-        return self.method.select(visual.tokens, k)[0].cpu().numpy().astype(np.int64)
+    def guidance(self, question: str) -> torch.Tensor:
+        """The question's guidance vector: the CLIP text [EOS] embedding [1, Dc] when a CLIP is loaded, else
+        (``guidance=llm``) the mean LLM input embedding of the question's tokens (no BOS, no template), [1, D]."""
+        if self.clip is not None:
+            return self.clip.text_embed(question).to(self.device)
+        ids = self.codec.encode(question, add_bos=False) or [self.loaded.tokenizer.unk_token_id or 0]
+        emb = self.family.embed_tokens(self.model)(torch.tensor([ids], dtype=torch.long, device=self.device))
+        return emb.float().mean(dim=1)
+
+    @torch.inference_mode()
+    def select(self, visual: VisualSequence, k: int, guidance: torch.Tensor | None = None) -> np.ndarray:
+        tokens = visual.tokens if guidance is None else dataclasses.replace(visual.tokens, guidance=guidance)
+        return self.method.select(tokens, k)[0].cpu().numpy().astype(np.int64)
 
     @torch.inference_mode()
     def splice(self, prefix: list[int], visual: VisualSequence, kept: np.ndarray,

@@ -141,3 +141,21 @@ def test_prompt_errors(tiny_llava, rgb_image):
         pipe.run(rgb_image, "   ")
     with pytest.raises(PromptError, match="context"):
         pipe.run(rgb_image, "word " * 4000, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("fixture,method,tokens", [("tiny_llava", "gridprune", 64), ("tiny_llava", "gprune", 64),
+                                                   ("tiny_llava_next", "gridprune", 320),
+                                                   ("tiny_llava_next", "gprune", 320)])
+def test_seed_methods_run_with_their_position_convention(fixture, method, tokens, request, rgb_image):
+    """GridPrune (compact) and G-Prune (original positions) keep exactly K and decode to completion."""
+    loaded = request.getfixturevalue(fixture)
+    pipe = build_pipeline("", method, tokens=tokens, loaded=loaded)
+    pipe.backend.eos_token_id = None
+    result = pipe.run(rgb_image, PROMPT, max_new_tokens=4)
+    assert len(result.kept) == tokens and len(result.tokens) == 4
+    assert list(result.kept) == sorted(set(result.kept.tolist()))
+    prefix, suffix = result.prompt_ids
+    if method == "gprune":
+        assert result.position_ids[-1] == len(prefix) + result.total_visual + len(suffix) - 1
+    else:
+        assert result.position_ids[-1] == len(result.position_ids) - 1
