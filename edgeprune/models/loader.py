@@ -111,6 +111,7 @@ def _random_from_preset(preset: Preset, tdtype: Any, device: str, seed: int) -> 
     model_type = cfg_dict.pop("model_type")
     cfg_dict.pop("architectures", None)
     config = transformers.AutoConfig.for_model(model_type, **cfg_dict)
+    _check_memory(config, tdtype, device)
     model = build_random_model(config, seed=seed, dtype=tdtype, device=device)
     tok = build_tokenizer(config.text_config.vocab_size, config.image_token_id, config.text_config.pad_token_id)
     pins = tuple(tuple(p) for p in getattr(config, "image_grid_pinpoints", None) or ()) or None
@@ -118,6 +119,34 @@ def _random_from_preset(preset: Preset, tdtype: Any, device: str, seed: int) -> 
     img = ImageConfig(size=vc.image_size, crop=vc.image_size, grid_pinpoints=pins)
     return LoadedModel(preset.name, FAMILIES[model_type], model, tok, img, TEMPLATES[preset.template],
                        "random-weights")
+
+
+def available_memory(device: str) -> int | None:
+    """Free bytes on ``device`` (CUDA: ``mem_get_info``; CPU: ``MemAvailable`` of /proc/meminfo), None if unknown."""
+    torch = require("torch")
+    if str(device).startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"--device {device} requested but torch sees no CUDA device; use --device cpu")
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _check_memory(config: Any, tdtype: Any, device: str) -> None:
+    """Refuse a random-weight build that cannot fit, instead of being killed by the OOM killer halfway."""
+    torch = require("torch")
+    meta = build_random_model(config, device="meta")
+    need = sum(p.numel() for p in meta.parameters()) * torch.empty((), dtype=tdtype).element_size()
+    free = available_memory(device)
+    if free is not None and need > 0.9 * free:
+        raise ModelLoadError(f"the {need / 2**30:.1f} GiB of weights do not fit the {free / 2**30:.1f} GiB free on "
+                             f"{device}; use --dtype fp16 and/or a larger --device (e.g. cuda)")
 
 
 def _read_config(path: str) -> dict[str, Any]:

@@ -127,3 +127,38 @@ def test_hub_id_offline_is_a_clear_error():
 def test_bad_dtype():
     with pytest.raises(ModelLoadError, match="--dtype"):
         load_model("tiny-llava", dtype="int3")
+
+
+def _shrunk(cfg: dict) -> dict:
+    """A named preset's config with every width/depth cut down (vocabulary, ids and geometry kept)."""
+    cfg = json.loads(json.dumps(cfg))
+    cfg["vision_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    t = cfg["text_config"]
+    t.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2 if t.get("num_key_value_heads", 32) < t.get("num_attention_heads", 32) else 4)
+    return cfg
+
+
+@pytest.mark.parametrize("name", ["llava-1.5-7b", "llava-next-mistral-7b"])
+def test_random_weights_path_end_to_end(name, monkeypatch, rgb_image):
+    """--random-weights: shipped config -> random model + synthetic tokenizer of the full vocabulary -> a run."""
+    from edgeprune.api import build_pipeline
+    from edgeprune.models import registry
+
+    preset = get_preset(name)
+    full = preset.shipped_config()
+    monkeypatch.setattr(registry.Preset, "shipped_config", lambda self: _shrunk(full))
+    loaded = load_model(name, random_weights=True)
+    assert loaded.source == "random-weights" and len(loaded.tokenizer) == 32064
+    assert loaded.image_token_id == 32000 and loaded.config.model_type == full["model_type"]
+    assert ("[INST]" in loaded.template) == (name == "llava-next-mistral-7b")
+    result = build_pipeline("", "cls-topk", tokens=32, loaded=loaded).run(rgb_image, "What?", max_new_tokens=2)
+    assert len(result.kept) == 32
+
+
+def test_random_weights_refuses_what_does_not_fit(monkeypatch):
+    from edgeprune.models import loader
+
+    monkeypatch.setattr(loader, "available_memory", lambda device: 2**30)
+    with pytest.raises(ModelLoadError, match="do not fit"):
+        load_model("llava-1.5-7b", random_weights=True)
