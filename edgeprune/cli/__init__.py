@@ -12,9 +12,9 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import EdgepruneError
-from . import demo, methods, models, run
+from . import demo, methods, models, run, viz
 
-COMMANDS = (run, demo, methods, models)
+COMMANDS = (run, demo, methods, models, viz)
 
 
 def build_parser() -> argparse.ArgumentParser:
