@@ -60,7 +60,7 @@ def build_pipeline(model: str, method: str = "none", *, tokens: int | None = Non
         if spec is not None or loaded.source == "random-weights":
             guide = load_clip(spec or "", loaded.config.vision_config, random_weights=loaded.source == "random-weights",
                               dtype=next(loaded.model.parameters()).dtype, device=device)
-    return Pipeline(TorchBackend(loaded, prune, guide), budget, prune.positions, prune.uses_budget)
+    return Pipeline(TorchBackend(loaded, prune, guide), budget, prune.positions, prune.uses_budget, prune.placement)
 
 
 def run_request(args: argparse.Namespace) -> Any:

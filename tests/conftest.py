@@ -34,3 +34,18 @@ def rgb_image():
 
     rng = np.random.default_rng(0)
     return Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_intra_op_thread():
+    """The tiny models gain nothing from intra-op threads, and on a shared 2-core machine two threads per
+    process thrash (measured 4x slower under load); restore the setting at the end."""
+    try:
+        import torch
+    except ImportError:  # torch-free test environments
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -10,11 +10,13 @@ from typing import Mapping
 from ..errors import UnknownMethodError
 from .base import PruningMethod
 from .baselines import ClsTopK, NoPrune, RandomPrune, UniformPrune
+from .fastv import FastV
+from .fitprune import FitPrune
 from .gprune import GPrune
 from .gridprune import GridPrune
 
 METHODS: dict[str, type[PruningMethod]] = {
-    cls.name: cls for cls in (NoPrune, RandomPrune, UniformPrune, ClsTopK, GridPrune, GPrune)
+    cls.name: cls for cls in (NoPrune, RandomPrune, UniformPrune, ClsTopK, GridPrune, GPrune, FitPrune, FastV)
 }
 
 

@@ -10,11 +10,26 @@ exported graph.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
+from ..methods.base import Budget
 from ..runtime.preprocess import ImageConfig
+
+
+@dataclass(frozen=True)
+class InLLMRequest:
+    """What an in-LLM method (FastV, FitPrune) needs at prefill besides the embeddings.
+
+    Attributes:
+        budget: the user's budget (FastV distinguishes "none given" from "keep all").
+        visual_start: index of the first visual token in the spliced sequence (all T visual tokens are spliced).
+    """
+
+    budget: Budget
+    visual_start: int
 
 
 class TextCodec(Protocol):
@@ -60,8 +75,16 @@ class Backend:
         """
         raise NotImplementedError
 
-    def prefill(self, embeds: Any, position_ids: np.ndarray) -> np.ndarray:
-        """Prefill stage: start a fresh KV cache, return last-token logits ``[V]`` (float32)."""
+    def prefill(self, embeds: Any, position_ids: np.ndarray, in_llm: InLLMRequest | None = None) -> np.ndarray:
+        """Prefill stage: start a fresh KV cache, return last-token logits ``[V]`` (float32).
+
+        With ``in_llm`` the method drops visual tokens between decoder layers and the cache becomes ragged.
+        """
+        raise NotImplementedError
+
+    def in_llm_stats(self) -> dict[str, Any]:
+        """After an in-LLM prefill: ``kept`` ([K] surviving prunable indices into N), ``layer_tokens`` (visual
+        tokens entering each layer) and ``cache_lengths`` (per-layer KV length)."""
         raise NotImplementedError
 
     def decode(self, token: int, position: int) -> np.ndarray:

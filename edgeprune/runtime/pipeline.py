@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ..methods.base import Budget
-from .backend import Backend
+from .backend import Backend, InLLMRequest
 from .preprocess import preprocess
 from .profiler import Profile, Profiler
 from .prompt import check_context, split_prompt
@@ -84,14 +84,18 @@ class Pipeline:
         backend: the stage implementation (e.g. :class:`~edgeprune.runtime.torch_backend.TorchBackend`).
         budget: how many visual tokens to keep.
         positions: ``compact`` or ``original`` (the method's convention).
-        uses_budget: False for methods that keep every token (``none``).
+        uses_budget: False for methods that keep every token (``none``) or carry their own budget (FitPrune).
+        placement: ``pre_llm`` (select K before the LLM) or ``in_llm`` (all tokens spliced; the backend's
+            decoder drops visual tokens between layers during prefill).
     """
 
-    def __init__(self, backend: Backend, budget: Budget, positions: str, uses_budget: bool = True) -> None:
+    def __init__(self, backend: Backend, budget: Budget, positions: str, uses_budget: bool = True,
+                 placement: str = "pre_llm") -> None:
         self.backend = backend
         self.budget = budget
         self.positions = positions
         self.uses_budget = uses_budget
+        self.placement = placement
 
     def run(self, image: Image.Image, prompt: str, max_new_tokens: int = 32,
             sampling: SamplingConfig | None = None) -> Result:
@@ -112,17 +116,26 @@ class Pipeline:
         n, total = int(visual.n), int(visual.total)
         k = self.budget.resolve(n) if self.uses_budget else n
         check_context(len(prefix), total, len(suffix), max_new_tokens, be.max_positions)
-        guidance = None
-        if be.needs_guidance:
-            with prof.span("guidance"):
-                guidance = be.guidance(prompt)
-        with prof.span("prune"):
-            kept = be.select(visual, k, guidance)
+        in_llm = InLLMRequest(self.budget, len(prefix)) if self.placement == "in_llm" else None
+        if in_llm is not None:
+            kept = np.arange(n, dtype=np.int64)  # every token enters the LLM; its layers drop them
+        else:
+            guidance = None
+            if be.needs_guidance:
+                with prof.span("guidance"):
+                    guidance = be.guidance(prompt)
+            with prof.span("prune"):
+                kept = be.select(visual, k, guidance)
         with prof.span("embed"):
             embeds, kept_pos = be.splice(prefix, visual, kept, suffix)
         pos = position_ids(len(prefix), total, len(suffix), kept_pos, self.positions)
         with prof.span("prefill"):
-            logits = be.prefill(embeds, pos)
+            logits = be.prefill(embeds, pos, in_llm)
+        layer_stats: dict[str, Any] = {}
+        if in_llm is not None:
+            stats = be.in_llm_stats()
+            kept, k = stats["kept"], len(stats["kept"])
+            layer_stats = {"layer_tokens": stats["layer_tokens"], "cache_lengths": stats["cache_lengths"]}
         sampler = Sampler(sampling)
         tokens: list[int] = []
         stop = "max_new_tokens"
@@ -143,7 +156,7 @@ class Pipeline:
         prof.profile.total = prof.now()
         prof.profile.counters.update(
             backend=be.name, visual_in=n, visual_kept=int(k), visual_to_llm=int(kept_pos.shape[0]),
-            prompt_tokens=int(pos.shape[0]), new_tokens=len(tokens), positions=self.positions,
+            prompt_tokens=int(pos.shape[0]), new_tokens=len(tokens), positions=self.positions, **layer_stats,
         )
         text = be.codec.decode([t for t in tokens if t != be.eos_token_id])
         return Result(text=text, tokens=tokens, kept=kept, kept_positions=kept_pos, n_visual=n,

@@ -16,7 +16,7 @@ from .._deps import require
 from ..methods.base import PruningMethod
 from ..models.family import VisualSequence
 from ..models.loader import LoadedModel
-from .backend import Backend
+from .backend import Backend, InLLMRequest
 
 
 class HFTextCodec:
@@ -51,8 +51,10 @@ class TorchBackend(Backend):
         self.max_positions = loaded.max_positions
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
-        self._cache: Any = None
+        self._cache: Any = None  # HF DynamicCache (pre-LLM methods)
+        self._state: Any = None  # methods.inllm.InLLMState: the ragged cache of in-LLM methods
         self._seq_len = 0
+        self._spliced: tuple[VisualSequence, np.ndarray] | None = None
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -90,6 +92,7 @@ class TorchBackend(Backend):
         ids = torch.tensor([prefix + suffix], dtype=torch.long, device=self.device)
         text = embed(ids)[0]
         embeds = torch.cat([text[: len(prefix)], rows.to(text.dtype), text[len(prefix):]], dim=0)
+        self._spliced = (visual, pos)
         return embeds.unsqueeze(0), pos
 
     def _step(self, embeds: torch.Tensor, position_ids: torch.Tensor) -> np.ndarray:
@@ -103,14 +106,45 @@ class TorchBackend(Backend):
         return logits[0].float().cpu().numpy()
 
     @torch.inference_mode()
-    def prefill(self, embeds: torch.Tensor, position_ids: np.ndarray) -> np.ndarray:
+    def prefill(self, embeds: torch.Tensor, position_ids: np.ndarray, in_llm: InLLMRequest | None = None) -> np.ndarray:
+        self._state = None
+        if in_llm is not None:
+            return self._prefill_in_llm(embeds, position_ids, in_llm)
         transformers = require("transformers")
         self._cache = transformers.DynamicCache(config=self.model.config.text_config)
         self._seq_len = 0
         return self._step(embeds, torch.from_numpy(position_ids))
 
+    def _prefill_in_llm(self, embeds: torch.Tensor, position_ids: np.ndarray, req: InLLMRequest) -> np.ndarray:
+        """Our own layer loop (methods.inllm): drops visual tokens between layers, leaves a ragged cache."""
+        from ..methods import inllm
+
+        if self._spliced is None:
+            raise RuntimeError("splice() must run before an in-LLM prefill")
+        visual, pos = self._spliced
+        lm = self.family.language_model(self.model)
+        prunable = torch.from_numpy(np.isin(pos, visual.prunable_pos))
+        plan = self.method.layer_plan(visual.n, len(lm.layers), req.budget)
+        self._state = inllm.prefill(lm, embeds, torch.from_numpy(position_ids).to(self.device), req.visual_start,
+                                    len(pos), plan, prunable)
+        return self.family.lm_head(self.model)(self._state.last_hidden)[0].float().cpu().numpy()
+
+    def in_llm_stats(self) -> dict[str, Any]:
+        if self._state is None or self._spliced is None:
+            raise RuntimeError("in_llm_stats() needs an in-LLM prefill first")
+        visual, pos = self._spliced
+        survivors = pos[self._state.visual_kept.cpu().numpy()]  # positions within the T visual tokens
+        kept = np.flatnonzero(np.isin(visual.prunable_pos, survivors)).astype(np.int64)  # indices into N
+        return {"kept": kept, "layer_tokens": [int(c) for c in self._state.visual_counts],
+                "cache_lengths": self._state.cache_lengths}
+
     @torch.inference_mode()
     def decode(self, token: int, position: int) -> np.ndarray:
         ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
         embeds = self.family.embed_tokens(self.model)(ids)
+        if self._state is not None:
+            from ..methods import inllm
+
+            h = inllm.decode_step(self.family.language_model(self.model), self._state, embeds, position)
+            return self.family.lm_head(self.model)(h)[0].float().cpu().numpy()
         return self._step(embeds, torch.tensor([position], dtype=torch.long))

@@ -18,7 +18,7 @@ def _run(capsys, *argv):
     return code, out, err
 
 
-@pytest.mark.parametrize("cmd", [m.__name__.rsplit(".", 1)[-1] for m in COMMANDS])
+@pytest.mark.parametrize("cmd", [m.__name__.rsplit(".", 1)[-1].replace("_", "-") for m in COMMANDS])
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as exc:
         main([cmd, "--help"])

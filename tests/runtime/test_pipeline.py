@@ -159,3 +159,40 @@ def test_seed_methods_run_with_their_position_convention(fixture, method, tokens
         assert result.position_ids[-1] == len(prefix) + result.total_visual + len(suffix) - 1
     else:
         assert result.position_ids[-1] == len(result.position_ids) - 1
+
+
+def test_fastv_with_nothing_to_drop_equals_unpruned(tiny_llava, rgb_image):
+    runs = []
+    for method, ratio in (("none", None), ("fastv", 1.0)):
+        pipe = build_pipeline("", method, ratio=ratio, loaded=tiny_llava)
+        pipe.backend.eos_token_id = None
+        runs.append(pipe.run(rgb_image, PROMPT, max_new_tokens=NEW))
+    assert runs[0].tokens == runs[1].tokens
+    assert runs[1].profile.counters["layer_tokens"] == [576] * 4
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llava", "tiny_llava_next"])
+def test_fastv_drops_after_layer_k_and_decodes_with_ragged_cache(fixture, request, rgb_image):
+    loaded = request.getfixturevalue(fixture)
+    pipe = build_pipeline("", "fastv", tokens=64, loaded=loaded)
+    pipe.backend.eos_token_id = None
+    result = pipe.run(rgb_image, PROMPT, max_new_tokens=5)
+    c = result.profile.counters
+    newlines = result.total_visual - result.n_visual  # NeXT newline tokens are never dropped
+    assert c["layer_tokens"] == [result.total_visual] * 2 + [64 + newlines] * 2
+    assert len(result.kept) == 64 == c["visual_kept"] and len(result.tokens) == 5
+    assert c["cache_lengths"][0] - c["cache_lengths"][2] == result.n_visual - 64
+    assert result.position_ids[-1] == len(result.prompt_ids[0]) + result.total_visual + len(result.prompt_ids[1]) - 1
+
+
+def test_fitprune_follows_its_recipe_in_the_pipeline(tiny_llava, rgb_image, tmp_path):
+    from edgeprune.methods.fitprune_recipe import Recipe, save_recipe
+
+    drops = [100, 200, 76, 50]
+    path = tmp_path / "recipe.json"
+    save_recipe(Recipe(budget=0.7, n_visual=576, num_layers=4, drops=tuple(drops)), str(path))
+    pipe = build_pipeline("", "fitprune", method_args={"recipe": str(path)}, loaded=tiny_llava)
+    pipe.backend.eos_token_id = None
+    result = pipe.run(rgb_image, PROMPT, max_new_tokens=3)
+    assert result.profile.counters["layer_tokens"] == [576, 476, 276, 200]
+    assert len(result.kept) == 576 - sum(drops) and len(result.tokens) == 3
