@@ -285,6 +285,7 @@ def _layer_plot(counts: Sequence[int], width: int, height: int = 150) -> Image.I
     require("matplotlib")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     # A bare Figure (no pyplot) keeps no global state and needs no display.
     fig = Figure(figsize=(width / 100, height / 100), dpi=100)
@@ -295,6 +296,7 @@ def _layer_plot(counts: Sequence[int], width: int, height: int = 150) -> Image.I
     ax.set_ylabel("visual tokens", fontsize=8)
     ax.set_ylim(0, max(max(counts), 1) * 1.08)
     ax.tick_params(labelsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
     ax.grid(alpha=0.3)
     fig.tight_layout(pad=0.4)
     fig.canvas.draw()
