@@ -11,16 +11,17 @@ Heavy libraries are imported when a function is called, never at import time.
 from __future__ import annotations
 
 import argparse
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+from .errors import BudgetError
 from .methods.base import Budget, parse_method_args
 from .methods.registry import build_method
 
 
-def build_pipeline(model: str, method: str = "none", *, tokens: int | None = None, ratio: float | None = None,
-                   method_args: Mapping[str, str] | None = None, backend: str = "torch",
+def build_pipeline(model: str | None, method: str | None = "none", *, tokens: int | None = None,
+                   ratio: float | None = None, method_args: Mapping[str, str] | None = None, backend: str = "torch",
                    random_weights: bool = False, dtype: str = "fp32", device: str = "cpu", loaded: Any = None,
-                   clip: str | None = None) -> Any:
+                   clip: str | None = None, bundle: str | None = None, providers: Sequence[str] = ("cpu",)) -> Any:
     """Create a :class:`~edgeprune.runtime.pipeline.Pipeline`.
 
     Args:
@@ -28,20 +29,33 @@ def build_pipeline(model: str, method: str = "none", *, tokens: int | None = Non
         method: registered method name.
         tokens / ratio: the budget (at most one).
         method_args: method parameters as strings (``--method-arg``).
-        backend: ``torch`` (the reference).
+        backend: ``torch`` (the reference) or ``ort`` (ONNX Runtime over ``bundle``; ``method``/``tokens``/
+            ``ratio``/``method_args`` are then optional and must match the bundle, None meaning "the bundle's").
         random_weights, dtype, device: see ``edgeprune run --help``.
         loaded: an already loaded :class:`~edgeprune.models.loader.LoadedModel` to reuse.
         clip: CLIP checkpoint for text guidance (``--clip``); text-guided methods default to ``tiny-clip`` on the
             offline presets and to a random CLIP-L/336 with ``--random-weights``, else to ``guidance=llm``.
+        bundle, providers: the exported bundle directory and ONNX Runtime providers (``ort`` backend).
     Raises:
         UnknownMethodError, MethodArgumentError, BudgetError, UnknownModelError, ModelLoadError, BackendError.
     """
     from .errors import BackendError
 
     budget = Budget(tokens=tokens, ratio=ratio)  # validate cheap inputs before loading anything
-    prune = build_method(method, method_args)
+    if backend == "ort":
+        if bundle is None:
+            raise BackendError("the ort backend runs an exported bundle; pass bundle= (see `edgeprune export`)")
+        from .runtime.ort_backend import build_ort_pipeline  # numpy + onnxruntime + tokenizers only
+
+        return build_ort_pipeline(bundle, providers, method=method, tokens=tokens, ratio=ratio,
+                                  method_args=method_args)
+    prune = build_method(method or "none", method_args)
+    if budget.is_set and not prune.uses_budget:
+        raise BudgetError(f"method {prune.name!r} does not take --tokens/--ratio "
+                          + ("(its recipe sets the budget)" if prune.placement == "in_llm" else "(it keeps every token)")
+                          + "; drop them")
     if backend != "torch":
-        raise BackendError(f"unknown backend {backend!r}; available: torch")
+        raise BackendError(f"unknown backend {backend!r}; available: torch, ort")
     from ._deps import require
 
     require("torch")  # the torch backend needs torch and transformers: say which extra, not a traceback

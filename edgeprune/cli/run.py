@@ -16,18 +16,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_generation_args(p)
     p.add_argument("--image", help="image file (default: the bundled example image)")
     p.add_argument("--prompt", default="What is in the image?", help="the question (default: %(default)r)")
-    p.add_argument("--backend", default="torch", choices=("torch",), help="runtime backend (default: %(default)s)")
+    p.add_argument("--backend", choices=("torch", "ort"),
+                   help="runtime backend: torch (the PyTorch reference, default) or ort (ONNX Runtime over --bundle)")
+    p.add_argument("--bundle", metavar="DIR", help="run an exported bundle (`edgeprune export`); model, method and "
+                   "K come from its manifest (implies --backend ort)")
+    p.add_argument("--providers", default="cpu", help="ONNX Runtime execution providers in priority order, e.g. "
+                   "cuda,cpu (default: %(default)s)")
+    # Sentinel defaults: with --bundle a flag the user actually typed must match the manifest, a default must not.
+    p.set_defaults(method=_Default("none"), model=_Default("tiny-llava"))
     p.add_argument("--profile", action="store_true", help="print the per-stage timing table")
     p.add_argument("--trace", metavar="FILE", help="write a Chrome-trace JSON of the request")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=main)
 
 
+class _Default(str):
+    """A default value that can be told apart from the same string typed by the user."""
+
+
 def main(args: argparse.Namespace) -> int:
     from ..api import run_request  # heavy imports only when the command runs
 
     check_positive(args.max_new_tokens, "--max-new-tokens")
-    result = run_request(args)
+    if args.bundle is not None or args.backend == "ort":
+        result = _run_bundle(args)
+    else:
+        args.backend = args.backend or "torch"
+        result = run_request(args)
     if args.trace:
         with open(args.trace, "w") as f:
             json.dump(result.profile.chrome_trace(), f)
@@ -40,3 +55,28 @@ def main(args: argparse.Namespace) -> int:
     if args.profile:
         print(result.profile.table())
     return 0
+
+
+def _run_bundle(args: argparse.Namespace):
+    """``--bundle DIR [--backend ort]``: the ONNX Runtime pipeline; flags the user gave must match the bundle."""
+    from ..api import build_pipeline
+    from ..errors import BackendError
+    from ..methods.base import parse_method_args
+    from ..runtime.preprocess import default_image, load_image
+    from ..runtime.sampling import SamplingConfig
+
+    if args.bundle is None:
+        raise BackendError("--backend ort runs an exported bundle: pass --bundle DIR (create one with "
+                           "`edgeprune export --model M --method X --tokens K --out DIR`)")
+    if args.backend not in (None, "ort"):
+        raise BackendError(f"--bundle runs on --backend ort, not {args.backend}; drop --backend or --bundle")
+    if not isinstance(args.model, _Default):
+        raise BackendError("--model and --bundle exclude each other: the bundle fixes the model")
+    sampling = SamplingConfig(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed)
+    image = load_image(args.image) if args.image else default_image()
+    pipe = build_pipeline(None, None if isinstance(args.method, _Default) else args.method, tokens=args.tokens,
+                          ratio=args.ratio, method_args=parse_method_args(args.method_arg), backend="ort",
+                          bundle=args.bundle, providers=[x for x in args.providers.split(",") if x.strip()])
+    args.method = pipe.backend.bundle.method["name"]  # for the summary line
+    return pipe.run(image, args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling)

@@ -110,6 +110,7 @@ def _run_methods(args: argparse.Namespace, names: list[str], method_args: dict[s
         EdgepruneError: model loading or a request failed on user input (e.g. BudgetError for K > N).
     """
     from ..api import build_pipeline
+    from ..methods.registry import get_method_class
     from ..models.loader import load_model
     from ..runtime.preprocess import preprocess
 
@@ -117,8 +118,9 @@ def _run_methods(args: argparse.Namespace, names: list[str], method_args: dict[s
     clip = {"clip": args.clip} if getattr(args, "clip", None) else {}
     results, backend = [], None
     for name in names:
-        pipe = build_pipeline(args.model, name, tokens=args.tokens, ratio=args.ratio, method_args=method_args[name],
-                              loaded=loaded, device=args.device, **clip)
+        budget = dict(tokens=args.tokens, ratio=args.ratio) if get_method_class(name).uses_budget else {}
+        pipe = build_pipeline(args.model, name, method_args=method_args[name], loaded=loaded, device=args.device,
+                              **budget, **clip)
         results.append(pipe.run(image, args.prompt, max_new_tokens=1))
         backend = backend or pipe.backend
     # Results carry indices, not the layout; it depends on the image only, so one more vision pass gives it.

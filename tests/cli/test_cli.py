@@ -135,3 +135,15 @@ def test_console_script_exit_code_in_subprocess(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "edgeprune", "run", "--image", str(tmp_path / "missing.png")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "missing.png" in proc.stderr
+
+
+def test_budget_for_a_method_without_one_is_refused(capsys, tmp_path):
+    from edgeprune.methods.fitprune_recipe import Recipe, save_recipe
+
+    recipe = tmp_path / "r.json"
+    save_recipe(Recipe(budget=0.5, n_visual=576, num_layers=4, drops=(100, 100, 100, 0)), str(recipe))
+    for argv, why in ((["run", "--method", "none", "--tokens", "64"], "keeps every token"),
+                      (["run", "--method", "fitprune", "--method-arg", f"recipe={recipe}", "--ratio", "0.5"],
+                       "its recipe sets the budget")):
+        code, out, err = _run(capsys, *argv)
+        assert code == 2 and "does not take --tokens/--ratio" in err and why in err, err

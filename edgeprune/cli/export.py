@@ -1,0 +1,48 @@
+"""``edgeprune export``: write a bundle (ONNX graphs, tokenizer, manifest) for a model and a pruning method."""
+
+from __future__ import annotations
+
+import argparse
+
+from ._common import add_method_args
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="export a model and a pruning method to an ONNX bundle",
+        description="Export the vision, prune, embed and decoder graphs of a LLaVA model with a static budget K, "
+                    "validate each against PyTorch with ONNX Runtime, and write them with the tokenizer and a "
+                    "manifest.json (hashes of every file) into --out. Run it with "
+                    "`edgeprune run --bundle DIR --backend ort`.")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny-llava", help="preset name (see `edgeprune models`), a local LLaVA "
+                   "directory or a Hugging Face id (default: %(default)s)")
+    g.add_argument("--random-weights", action="store_true",
+                   help="build a named preset's architecture with random weights and a synthetic tokenizer")
+    add_method_args(p)
+    o = p.add_argument_group("output")
+    o.add_argument("--out", required=True, metavar="DIR", help="bundle directory to create")
+    o.add_argument("--opset", type=int, default=18,
+                   help="ONNX opset, 18 (TensorRT-portable, default) to 23 (fused attention in ONNX Runtime)")
+    o.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"), help="graph precision (default: %(default)s)")
+    o.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    o.add_argument("--reuse", metavar="DIR", help="copy the vision/embed/decoder graphs of a bundle of the same "
+                   "model, dtype and opset instead of exporting them again (budget sweeps)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..export.exporter import export_bundle  # torch and transformers only when the command runs
+    from ..methods.base import parse_method_args
+
+    manifest = export_bundle(args.model, args.method, out_dir=args.out, tokens=args.tokens, ratio=args.ratio,
+                             method_args=parse_method_args(args.method_arg), opset=args.opset, dtype=args.dtype,
+                             force=args.force, reuse_from=args.reuse, random_weights=args.random_weights)
+    m = manifest["method"]
+    budget = "all tokens" if m["k"] is None else f"K = {m['k']}"
+    graphs = ", ".join(f"{name} ({e['max_abs_err']:.1e})" for name, e in manifest["graphs"].items())
+    print(f"wrote {args.out}: {manifest['model']['name']} {m['name']} {budget}, opset {manifest['opset']}, "
+          f"{manifest['model']['dtype']}")
+    print(f"graphs (max |ORT - torch|): {graphs}")
+    print(f"run it: edgeprune run --bundle {args.out} --backend ort --image IMAGE --prompt '...'")
+    return 0

@@ -1,0 +1,167 @@
+"""Open and verify an exported bundle (format: :mod:`edgeprune.export.manifest`), torch-free.
+
+The runtime refuses a bundle it cannot trust, with a message that says which file and what to do: no
+``manifest.json``, an unknown format version, a missing file, a file whose sha256 differs from the manifest, or
+a request (``--method``, ``--tokens``, ``--ratio``, ``--method-arg``) that contradicts what was exported.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import BackendError, ModelLoadError
+from ..export.manifest import FORMAT, FORMAT_VERSION, MANIFEST, REQUIRED, sha256_file
+from ..export.spec import GraphSpec
+
+
+class BundleError(ModelLoadError):
+    """A bundle is missing, incomplete, corrupt, or from an unknown format version (CLI exit code 2)."""
+
+
+_REEXPORT = "re-export it with `edgeprune export ... --force`"
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    """One graph of a bundle: its spec and the path of its ONNX file (sidecars sit next to it)."""
+
+    name: str
+    path: Path
+    spec: GraphSpec
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle directory and its parsed manifest.
+
+    Attributes:
+        root: the bundle directory.
+        manifest: the parsed ``manifest.json``.
+        graphs: graph name -> :class:`GraphEntry` (``vision``, ``embed``, ``decoder``, and ``prune`` when the
+            method has a prune graph).
+    """
+
+    root: Path
+    manifest: dict[str, Any]
+    graphs: dict[str, GraphEntry]
+
+    @property
+    def method(self) -> dict[str, Any]:
+        return self.manifest["method"]
+
+    @property
+    def k(self) -> int | None:
+        """The static budget K, None for ``none`` (every token kept)."""
+        return self.method.get("k")
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def check_request(self, method: str | None = None, tokens: int | None = None, ratio: float | None = None,
+                      method_args: Mapping[str, str] | None = None) -> None:
+        """Refuse flags that contradict the exported method and budget (the bundle fixes both).
+
+        Args:
+            method, tokens, ratio, method_args: what the user asked for; None / empty means "take the bundle's".
+        Raises:
+            BackendError: a mismatch; the message gives the exported value and how to get the other one.
+        """
+        m = self.method
+        hint = "export another bundle for a different method or budget"
+        if method is not None and method != m["name"]:
+            raise BackendError(f"the bundle {self.root} was exported for --method {m['name']}, not {method}; {hint}")
+        if m.get("k") is None and (tokens is not None or ratio is not None):
+            raise BackendError(f"the bundle {self.root} keeps every visual token (method {m['name']}); drop "
+                               f"--tokens/--ratio or {hint}")
+        if tokens is not None and tokens != m.get("k"):
+            raise BackendError(f"the bundle {self.root} has a static budget K = {m.get('k')} ({m['name']}), not "
+                               f"--tokens {tokens}; {hint}")
+        if ratio is not None:
+            n = m.get("n")
+            k = None if n is None else max(1, int(round(ratio * n)))
+            if k is None or k != m.get("k"):
+                raise BackendError(f"--ratio {ratio} does not give the bundle's static K = {m.get('k')} "
+                                   f"(N = {n if n is not None else 'depends on the image'}); {hint}")
+        if method_args:
+            from ..methods.registry import get_method_class
+
+            asked = get_method_class(m["name"]).from_args(method_args).describe_params()
+            wrong = {key: (asked[key], m["params"].get(key)) for key in method_args
+                     if asked[key] != m["params"].get(key)}
+            if wrong:
+                desc = ", ".join(f"{key}={a!r} (exported: {b!r})" for key, (a, b) in wrong.items())
+                raise BackendError(f"the bundle {self.root} was exported with other method arguments: {desc}; {hint}")
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(f"bundle directory {str(root)!r} does not exist; create it with `edgeprune export`")
+    if not path.is_file():
+        raise BundleError(f"{str(root)!r} is not an edgeprune bundle: it has no {MANIFEST}; create it with "
+                          "`edgeprune export --model M --method X --out DIR`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON ({exc}); {_REEXPORT}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{path} is not an edgeprune bundle manifest (format {FORMAT!r} expected)")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{path} has bundle format version {version!r}; this edgeprune reads version "
+                          f"{FORMAT_VERSION}. Use the edgeprune that wrote it, or {_REEXPORT}")
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise BundleError(f"{path} lacks the sections {missing}; {_REEXPORT}")
+    return manifest
+
+
+def verify_files(root: Path, files: Mapping[str, str]) -> None:
+    """Check that every file the manifest lists exists and has its recorded sha256.
+
+    Raises:
+        BundleError: names the first missing or modified file.
+    """
+    for rel, digest in files.items():
+        path = root / rel
+        if not path.is_file():
+            raise BundleError(f"bundle {str(root)!r} is incomplete: {rel} is missing; copy the whole directory "
+                              f"or {_REEXPORT}")
+        if sha256_file(path) != digest:
+            raise BundleError(f"bundle {str(root)!r} is corrupt: {rel} does not match its sha256 in {MANIFEST} "
+                              f"(modified or truncated); {_REEXPORT}")
+
+
+def open_bundle(root: str | Path, verify: bool = True) -> Bundle:
+    """Read ``root/manifest.json`` and (by default) verify every file's sha256.
+
+    Args:
+        root: the bundle directory.
+        verify: hash every file (reads the whole bundle once; pass False only for a bundle just verified).
+    Returns:
+        The :class:`Bundle`.
+    Raises:
+        BundleError: see the module docstring.
+    """
+    root = Path(root)
+    manifest = _read_manifest(root)
+    if verify:
+        verify_files(root, manifest["files"])
+    graphs: dict[str, GraphEntry] = {}
+    try:
+        for name, entry in manifest["graphs"].items():
+            graphs[name] = GraphEntry(name=name, path=root / entry["file"], spec=GraphSpec.from_dict(entry["spec"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{root / MANIFEST} has a malformed graph entry ({exc!r}); {_REEXPORT}") from None
+    for name in ("vision", "embed", "decoder"):
+        if name not in graphs:
+            raise BundleError(f"{root / MANIFEST} lists no {name!r} graph; {_REEXPORT}")
+    # The manifest is not hashed (it holds the hashes): at least keep its K consistent with the prune graph's.
+    k = manifest["method"].get("k")
+    prune_k = graphs["prune"].spec.outputs[-1].dims[-1] if "prune" in graphs else None
+    if k != prune_k:
+        raise BundleError(f"{root / MANIFEST} says K = {k} but its prune graph keeps {prune_k}; {_REEXPORT}")
+    return Bundle(root=root, manifest=manifest, graphs=graphs)

@@ -1,0 +1,321 @@
+"""The ``ort`` backend: an exported bundle run with ONNX Runtime, numpy on the host, no torch, no transformers.
+
+What runs where (DESIGN.md §2): the vision, prune, embed and decoder graphs in ONNX Runtime sessions (created
+once per backend and reused); the LLaVA-NeXT packing (``runtime.anyres.pack_layout``) and the splice of kept
+visual rows between the prompt's text embeddings on the host in numpy; tokenisation with the ``tokenizers``
+library from the bundle's ``tokenizer.json``. The KV cache stays in ONNX Runtime ``OrtValue`` objects between
+decode steps: the decoder runs through IO binding, its presents are bound to the execution device and fed back
+as the next step's past, so the cache never goes through numpy (on CUDA it stays on the GPU); only the
+last-token logits are bound to host memory.
+
+On a Jetson this path needs numpy, Pillow, tokenizers and onnxruntime(-gpu) only (tested in a subprocess that
+blocks torch and transformers).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .._deps import require
+from ..errors import BackendError
+from ..export.spec import DTYPES
+from .anyres import pack_layout
+from .backend import Backend
+from .bundle import Bundle, BundleError, GraphEntry, open_bundle
+from .preprocess import ImageConfig
+
+log = logging.getLogger(__name__)
+
+# Short names accepted by --providers -> ONNX Runtime execution providers.
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "tensorrt": "TensorrtExecutionProvider", "trt-rtx": "NvTensorRTRTXExecutionProvider"}
+
+
+def resolve_providers(names: Sequence[str]) -> list[str]:
+    """Map short provider names to ONNX Runtime providers, checking that this build has them.
+
+    The CPU provider is appended when missing: ONNX Runtime places nodes another provider cannot run on it.
+
+    Raises:
+        BackendError: an unknown name (lists the known ones) or a provider this onnxruntime build lacks
+            (lists the available ones and what to install).
+    """
+    ort = require("onnxruntime")
+    available = ort.get_available_providers()
+    out: list[str] = []
+    for name in names:
+        full = PROVIDERS.get(name.strip().lower()) or (name if name.endswith("ExecutionProvider") else None)
+        if full is None:
+            raise BackendError(f"unknown execution provider {name!r}; known: {', '.join(PROVIDERS)}")
+        if full not in available:
+            raise BackendError(f"execution provider {name} ({full}) is not available in this onnxruntime build "
+                               f"(available: {', '.join(available)}); for cuda install onnxruntime-gpu "
+                               "(pip install -e '.[gpu]')")
+        out.append(full)
+    if "CPUExecutionProvider" not in out:
+        out.append("CPUExecutionProvider")
+    return out
+
+
+class TokenizersCodec:
+    """:class:`~edgeprune.runtime.backend.TextCodec` over ``tokenizers.Tokenizer`` (no transformers).
+
+    ``encode(text, add_bos=True)`` applies the tokenizer's post-processor, which is what adds ``<s>`` for
+    the Llama-style tokenizers, exactly as ``tokenizer(text, add_special_tokens=True)`` does in transformers.
+    """
+
+    def __init__(self, path: Path, clean_up_spaces: bool = False) -> None:
+        tokenizers = require("tokenizers")
+        self.tokenizer = tokenizers.Tokenizer.from_file(str(path))
+        self.clean_up_spaces = clean_up_spaces
+
+    def encode(self, text: str, add_bos: bool) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_bos).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        text = self.tokenizer.decode(list(map(int, ids)), skip_special_tokens=True)
+        if self.clean_up_spaces:  # transformers' clean_up_tokenization, applied when the tokenizer asks for it
+            for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+                text = text.replace(a, b)
+        return text
+
+
+class OrtRunner:
+    """One graph in one ONNX Runtime session; checks every feed against the graph's spec (DESIGN.md §4 Runner).
+
+    Args:
+        entry: the bundle's graph entry (file and spec).
+        providers: ONNX Runtime providers, in priority order.
+    Raises:
+        BundleError: the ONNX file cannot be loaded, or its inputs differ from the spec in the manifest.
+    """
+
+    def __init__(self, entry: GraphEntry, providers: list[str]) -> None:
+        ort = require("onnxruntime")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: ORT warns about every node it leaves on the CPU
+        self.spec = entry.spec
+        try:
+            self.session = ort.InferenceSession(str(entry.path), sess_options=options, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception classes per failure
+            raise BundleError(f"cannot load {entry.path.name} with ONNX Runtime ({exc}); re-export the bundle") from exc
+        names = [i.name for i in self.session.get_inputs()]
+        if names != self.spec.input_names:
+            raise BundleError(f"{entry.path.name} has inputs {names}, but the manifest says {self.spec.input_names}; "
+                              "re-export the bundle")
+        log.info("graph %s runs on %s", entry.name, ", ".join(self.session.get_providers()))
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the graph; returns the outputs in spec order.
+
+        Raises:
+            BackendError: feeds that do not match the spec (name, dtype, rank, size).
+        """
+        self.spec.check_feeds(feeds)
+        return self.session.run(self.spec.output_names, dict(feeds))
+
+
+@dataclass
+class OrtVisual:
+    """The visual tokens of one image on the host (the ORT backend's visual handle).
+
+    Attributes:
+        features: [1, N, D] prunable tokens in LLM order; cls_attn: [1, N] float32.
+        total: T visual positions before pruning (N plus NeXT newlines).
+        prunable_pos: [N] positions of the prunable tokens within the T.
+        extra_rows / extra_pos: [T - N, D] always-kept rows (NeXT newlines) and their positions, or None.
+        kept / kept_rows: the last prune graph result ([K] indices, [K, D] rows), reused by the splice.
+    """
+
+    features: np.ndarray
+    cls_attn: np.ndarray
+    total: int
+    prunable_pos: np.ndarray
+    extra_rows: np.ndarray | None = None
+    extra_pos: np.ndarray | None = None
+    kept: np.ndarray | None = None
+    kept_rows: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.features.shape[1])
+
+    def assemble(self, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows entering the LLM and their positions within the T (numpy twin of ``VisualSequence.assemble``).
+
+        Args:
+            kept: [K] int64 ascending indices into the N prunable tokens.
+        Returns:
+            (rows [K', D], positions [K'] int64 ascending).
+        """
+        kept = np.asarray(kept, dtype=np.int64)
+        same = self.kept is not None and np.array_equal(kept, self.kept)
+        rows = self.kept_rows if same else self.features[0, kept]
+        pos = self.prunable_pos[kept]
+        if self.extra_rows is None or self.extra_pos is None or len(self.extra_pos) == 0:
+            return rows, pos
+        pos = np.concatenate([pos, self.extra_pos])
+        rows = np.concatenate([rows, self.extra_rows.astype(rows.dtype)], axis=0)
+        order = np.argsort(pos, kind="stable")
+        return rows[order], pos[order]
+
+
+class OrtBackend(Backend):
+    """:class:`~edgeprune.runtime.backend.Backend` over a bundle (see module docstring).
+
+    Args:
+        bundle: the bundle directory or an opened :class:`~edgeprune.runtime.bundle.Bundle`.
+        providers: short provider names (``cpu``, ``cuda``, ``tensorrt``) in priority order.
+        verify: hash every file of the bundle before loading it (reads the whole bundle once: seconds for a 7B
+            model; pass False only for a bundle verified moments ago).
+    Raises:
+        BundleError: see :func:`~edgeprune.runtime.bundle.open_bundle`. BackendError: unavailable providers.
+    """
+
+    name = "ort"
+
+    def __init__(self, bundle: str | Path | Bundle, providers: Sequence[str] = ("cpu",), verify: bool = True) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle, verify=verify)
+        m = self.bundle.manifest
+        self.providers = resolve_providers(providers)
+        self.device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
+        self.runners = {name: OrtRunner(entry, self.providers) for name, entry in self.bundle.graphs.items()}
+        self.image_config = ImageConfig.from_dict(m["preprocessing"])
+        self.template = m["prompt"]["template"]
+        self.eos_token_id = m["prompt"].get("eos_token_id")
+        self.max_positions = int(m["max_positions"])
+        self.codec = TokenizersCodec(self.bundle.path(m["tokenizer"]["file"]),
+                                     bool(m["tokenizer"].get("clean_up_tokenization_spaces", False)))
+        vis = m["vision"]
+        self.view_px, self.patch_px = int(vis["image_size"]), int(vis["patch_size"])
+        self.pinpoints = vis.get("grid_pinpoints")
+        self.newline = None if not vis.get("newline_file") else np.load(self.bundle.path(vis["newline_file"]))
+        self.k = self.bundle.k
+        dec = self.runners["decoder"].spec
+        self._past_names = dec.input_names[3:]
+        self._present_names = dec.output_names[1:]
+        past = dec.inputs[3]
+        self._kv_shape = (1, int(past.dims[1]), 0, int(past.dims[3]))
+        self._kv_dtype = DTYPES[past.dtype]
+        self._kv: list[Any] = []
+        self._seq_len = 0
+
+    # ------------------------------------------------------------------ vision / prune / splice
+    def encode_image(self, pixel_values: np.ndarray, image_size: tuple[int, int]) -> OrtVisual:
+        vision = self.runners["vision"]
+        px = np.ascontiguousarray(pixel_values, dtype=vision.spec.inputs[0].np_dtype)
+        feats, cls_attn = vision.infer({"pixel_values": px})  # [V, P, D], [V, P]
+        if self.pinpoints is None:
+            n = feats.shape[1]
+            return OrtVisual(features=feats[:1], cls_attn=cls_attn[:1], total=n,
+                             prunable_pos=np.arange(n, dtype=np.int64))
+        layout = pack_layout(tuple(image_size), self.pinpoints, self.view_px, self.patch_px)
+        prunable = np.flatnonzero(layout.source >= 0).astype(np.int64)
+        src = layout.source[prunable]
+        flat = feats.reshape(-1, feats.shape[-1])
+        newline_pos = np.flatnonzero(layout.source < 0).astype(np.int64)
+        extra = np.broadcast_to(self.newline.astype(flat.dtype), (len(newline_pos), flat.shape[-1]))
+        return OrtVisual(features=flat[src][None], cls_attn=cls_attn.reshape(-1)[src][None], total=layout.total,
+                         prunable_pos=prunable, extra_rows=extra, extra_pos=newline_pos)
+
+    def select(self, visual: OrtVisual, k: int, guidance: Any = None) -> np.ndarray:
+        """Kept indices [K] (int64, ascending) from the prune graph; every index for ``none``.
+
+        Raises:
+            BackendError: K differs from the bundle's static K.
+        """
+        prune = self.runners.get("prune")
+        if prune is None:
+            if k != visual.n:
+                raise BackendError(f"this bundle keeps every visual token (method none); K = {k} != N = {visual.n}")
+            return np.arange(visual.n, dtype=np.int64)
+        if k != self.k:
+            raise BackendError(f"this bundle's prune graph has a static K = {self.k}; K = {k} was asked. "
+                               "Export another bundle for another budget")
+        feeds = {"features": visual.features}
+        if "cls_attn" in prune.spec.input_names:
+            feeds["cls_attn"] = np.ascontiguousarray(visual.cls_attn, dtype=np.float32)
+        kept_rows, kept_idx = prune.infer(feeds)
+        visual.kept, visual.kept_rows = kept_idx[0].astype(np.int64), kept_rows[0]
+        return visual.kept
+
+    def splice(self, prefix: list[int], visual: OrtVisual, kept: np.ndarray,
+               suffix: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        rows, pos = visual.assemble(kept)
+        ids = np.asarray([list(prefix) + list(suffix)], dtype=np.int64)
+        text = self.runners["embed"].infer({"input_ids": ids})[0][0]  # [L, D]
+        embeds = np.concatenate([text[: len(prefix)], rows.astype(text.dtype), text[len(prefix):]], axis=0)
+        return embeds[None], pos
+
+    # ------------------------------------------------------------------ LLM
+    def _step(self, embeds: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Run the decoder on ``embeds [1,S,D]`` after the cached past; keep the presents as OrtValues."""
+        dec = self.runners["decoder"]
+        s = int(embeds.shape[1])
+        host = {"inputs_embeds": np.ascontiguousarray(embeds, dtype=dec.spec.inputs[0].np_dtype),
+                "attention_mask": np.ones((1, self._seq_len + s), dtype=np.int64),
+                "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64).reshape(1, s)}
+        shapes = {k: v.shape for k, v in host.items()}
+        shapes |= {n: tuple(v.shape()) for n, v in zip(self._past_names, self._kv)}
+        dtypes = {k: v.dtype for k, v in host.items()} | {n: self._kv_dtype for n in self._past_names}
+        dec.spec.check_inputs(shapes, dtypes)
+        binding = dec.session.io_binding()
+        for name, arr in host.items():
+            binding.bind_cpu_input(name, arr)
+        for name, value in zip(self._past_names, self._kv):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self._present_names:
+            binding.bind_output(name, self.device)
+        dec.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        self._kv = list(outputs[1:])
+        self._seq_len += s
+        return outputs[0].numpy()[0].astype(np.float32)
+
+    def prefill(self, embeds: np.ndarray, position_ids: np.ndarray, in_llm: Any = None) -> np.ndarray:
+        """Start a fresh KV cache and run the prompt; ``in_llm`` (FastV/FitPrune) has no ONNX lowering yet.
+
+        Raises:
+            BackendError: an in-LLM request (the bundle's decoder keeps every token).
+        """
+        if in_llm is not None:
+            raise BackendError("in-LLM pruning (FastV, FitPrune) has no ONNX decoder yet; use --backend torch")
+        ort = require("onnxruntime")
+        empty = np.zeros(self._kv_shape, dtype=self._kv_dtype)
+        self._kv = [ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0) for _ in self._past_names]
+        self._seq_len = 0
+        return self._step(embeds, position_ids)
+
+    def decode(self, token: int, position: int) -> np.ndarray:
+        embeds = self.runners["embed"].infer({"input_ids": np.asarray([[token]], dtype=np.int64)})[0]
+        return self._step(embeds, np.asarray([position], dtype=np.int64))
+
+
+def build_ort_pipeline(bundle: str | Path, providers: Sequence[str] = ("cpu",), method: str | None = None,
+                       tokens: int | None = None, ratio: float | None = None,
+                       method_args: Mapping[str, str] | None = None) -> Any:
+    """A :class:`~edgeprune.runtime.pipeline.Pipeline` over a bundle; method, K and positions come from it.
+
+    Args:
+        bundle: the bundle directory.
+        providers: short ONNX Runtime provider names.
+        method, tokens, ratio, method_args: optional; when given they must match the bundle.
+    Raises:
+        BundleError, BackendError (a flag that contradicts the bundle, an unavailable provider).
+    """
+    from ..methods.base import Budget
+    from .pipeline import Pipeline
+
+    opened = open_bundle(bundle)
+    opened.check_request(method, tokens, ratio, method_args)
+    m = opened.method
+    budget = Budget(tokens=m["k"]) if m["uses_budget"] else Budget()
+    return Pipeline(OrtBackend(opened, providers), budget, m["positions"], bool(m["uses_budget"]),
+                    m.get("placement", "pre_llm"))

@@ -1,0 +1,199 @@
+"""Export: the exact top-K lowering (adversarial ties), the bundle layout and manifest, reuse, and every refusal
+(K > N, existing output, unsupported method/opset, ratio on NeXT) leaving no output directory behind."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from edgeprune.errors import BudgetError
+from edgeprune.export.exporter import GraphJob, export_bundle, export_graph
+from edgeprune.export.manifest import FORMAT_VERSION, MANIFEST, ExportError, sha256_file
+from edgeprune.export.spec import GraphSpec, prune_spec
+from edgeprune.export.wrappers import PruneGraph, stable_topk_lowering, uniform_indices_lowering
+from edgeprune.methods import functional as F
+from edgeprune.runtime.preprocess import ImageConfig
+
+K = 64
+QUIET = {"log": lambda msg: None}
+
+
+def bundle_dir(factory, loaded, method, tokens=None, reuse=None):
+    """Export once per test session (an atomic export leaves a directory only when it is complete)."""
+    root = factory.getbasetemp() / "bundles" / f"{loaded.name}-{method}-{tokens}"
+    if not (root / MANIFEST).is_file():
+        export_bundle(loaded, method, tokens=tokens, out_dir=root, reuse_from=reuse, **QUIET)
+    return root
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, tiny_llava):
+    """cls-topk exported in full; none and uniform reuse its vision/embed/decoder graphs."""
+    cls = bundle_dir(tmp_path_factory, tiny_llava, "cls-topk", K)
+    return {"cls-topk": cls, "none": bundle_dir(tmp_path_factory, tiny_llava, "none", reuse=cls),
+            "uniform": bundle_dir(tmp_path_factory, tiny_llava, "uniform", 100, reuse=cls)}
+
+
+def tie_cases(n, rng):
+    """Score rows designed to break an unstable top-K: all equal, two levels, +-0, a coarse grid, distinct."""
+    rows = [np.zeros(n), np.where(np.arange(n) % 3 == 0, 1.0, 0.5), np.where(np.arange(n) % 2 == 0, 0.0, -0.0),
+            rng.integers(0, 4, n) / 4, np.repeat(rng.standard_normal((n + 7) // 8), 8)[:n], rng.standard_normal(n)]
+    return np.stack(rows).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------- lowerings (no export)
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 1), (7, 7), (40, 5), (576, 64), (576, 576)])
+def test_stable_topk_lowering_equals_reference_on_ties(n, k):
+    scores = torch.from_numpy(tie_cases(n, np.random.default_rng(n + k)))
+    assert torch.equal(stable_topk_lowering(scores, k), F.stable_topk(scores, k))
+
+
+def test_uniform_lowering_is_exact_integer_arithmetic():
+    for n in (576, 577, 1000, 2351, 2880):
+        for k in (1, 3, 64, 100, 575, n):
+            if k <= n:
+                assert torch.equal(uniform_indices_lowering(n, k), F.uniform_indices(n, k)), (n, k)
+
+
+# ----------------------------------------------------------------------------------- lowerings in ONNX Runtime
+def test_onnx_topk_graph_keeps_ties_to_the_lower_index(tmp_path):
+    """A dynamic-N prune graph: K = N, K < N and heavy ties through ONNX TopK/CumSum (K = 1: the torch test)."""
+    k = 3
+    spec = prune_spec(None, k, 4, uses_scores=True)
+    rng = np.random.default_rng(k)
+    job = GraphJob("prune", PruneGraph(k, "topk"), spec,
+                   spec.dummy_inputs({"batch": 2, "n": 12}), [], mins={"n": k})
+    export_graph(job, tmp_path / "prune.onnx", 18)
+    sess = ort.InferenceSession(str(tmp_path / "prune.onnx"), providers=["CPUExecutionProvider"])
+    for n in (k, k + 1, 40, 300):
+        scores = tie_cases(n, rng)
+        feats = rng.standard_normal((len(scores), n, 4)).astype(np.float32)
+        kept, idx = sess.run(None, {"features": feats, "cls_attn": scores})
+        ref = F.stable_topk(torch.from_numpy(scores), k).numpy()
+        assert idx.dtype == np.int32 and np.array_equal(idx, ref), n
+        assert np.array_equal(kept, np.take_along_axis(feats, ref[..., None], axis=1))
+
+
+def test_bundle_prune_graph_matches_reference(bundles):
+    sess = ort.InferenceSession(str(bundles["cls-topk"] / "prune.onnx"), providers=["CPUExecutionProvider"])
+    scores = tie_cases(576, np.random.default_rng(0))
+    feats = np.random.default_rng(1).standard_normal((len(scores), 576, 64)).astype(np.float32)
+    _, idx = sess.run(None, {"features": feats, "cls_attn": scores})
+    assert np.array_equal(idx, F.stable_topk(torch.from_numpy(scores), K).numpy())
+
+
+# ----------------------------------------------------------------------------------- bundle layout
+def test_manifest_describes_the_bundle(bundles, tiny_llava):
+    root = bundles["cls-topk"]
+    m = json.loads((root / MANIFEST).read_text())
+    assert m["format_version"] == FORMAT_VERSION and m["opset"] == 18
+    assert m["method"] | {"params": None} == {"name": "cls-topk", "params": None, "positions": "compact",
+                                               "placement": "pre_llm", "uses_budget": True, "k": K, "n": 576,
+                                               "n_max": 576, "lowering": "topk"}
+    assert set(m["graphs"]) == {"vision", "prune", "embed", "decoder"}
+    on_disk = sorted(p.name for p in root.iterdir() if p.name != MANIFEST)
+    assert sorted(m["files"]) == on_disk and "tokenizer.json" in on_disk
+    assert all(sha256_file(root / f) == h for f, h in m["files"].items())
+    for name, g in m["graphs"].items():
+        assert g["files"] == [f"{name}.onnx", f"{name}.onnx.data"] and g["max_abs_err"] < 1e-4
+        proto = onnx.load(str(root / g["file"]), load_external_data=False)
+        assert [i.name for i in proto.graph.input] == GraphSpec.from_dict(g["spec"]).input_names
+        assert any(o.version == 18 for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+        names = [n.name for n in proto.graph.node]
+        assert len(set(names)) == len(names) and all(n.startswith(f"/{name}/") for n in names)
+    assert any(n.name.startswith("/decoder/lm/layers.3/self_attn/") for n in proto.graph.node)
+    assert ImageConfig.from_dict(m["preprocessing"]) == tiny_llava.image_config
+    assert m["prompt"]["image_token_id"] == tiny_llava.image_token_id and m["max_positions"] == 4096
+    assert m["vision"]["patch_grid"] == [24, 24] and m["vision"]["grid_pinpoints"] is None
+    assert m["libraries"]["torch"] == torch.__version__ and m["model"]["fingerprint"]
+    assert (root.stat().st_mode & 0o777) != 0o700  # not left private like the temporary directory
+
+
+def test_reuse_links_model_graphs_and_exports_the_prune_graph(bundles):
+    none = json.loads((bundles["none"] / MANIFEST).read_text())
+    uni = json.loads((bundles["uniform"] / MANIFEST).read_text())
+    assert set(none["graphs"]) == {"vision", "embed", "decoder"} and none["method"]["k"] is None
+    assert all("reused_from" in g for g in none["graphs"].values())
+    assert "reused_from" not in uni["graphs"]["prune"] and uni["method"]["lowering"] == "const"
+    cls = json.loads((bundles["cls-topk"] / MANIFEST).read_text())
+    assert uni["files"]["decoder.onnx.data"] == cls["files"]["decoder.onnx.data"]
+
+
+# ----------------------------------------------------------------------------------- refusals
+def _nothing_written(parent, name):
+    return not (parent / name).exists() and not [p for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+
+
+def test_k_larger_than_n_writes_nothing(tiny_llava, tmp_path):
+    with pytest.raises(BudgetError, match="577"):
+        export_bundle(tiny_llava, "cls-topk", tokens=577, out_dir=tmp_path / "b", **QUIET)
+    with pytest.raises(BudgetError, match="--tokens K or --ratio"):
+        export_bundle(tiny_llava, "uniform", out_dir=tmp_path / "b", **QUIET)
+    assert _nothing_written(tmp_path, "b")
+
+
+@pytest.mark.parametrize("kwargs,match", [({"method": "gridprune", "tokens": 64}, "no ONNX lowering"),
+                                          ({"method": "none", "opset": 17}, "opset"),
+                                          ({"method": "none", "dtype": "bf16"}, "dtype")])
+def test_unsupported_requests_are_typed_errors(kwargs, match, tiny_llava, tmp_path):
+    with pytest.raises(ExportError, match=match):
+        export_bundle(tiny_llava, out_dir=tmp_path / "b", **kwargs, **QUIET)
+    assert _nothing_written(tmp_path, "b")
+
+
+def test_existing_output_needs_force_and_must_be_a_bundle(bundles, tiny_llava, tmp_path):
+    with pytest.raises(ExportError, match="--force"):
+        export_bundle(tiny_llava, "none", out_dir=bundles["none"], **QUIET)
+    other = tmp_path / "not-a-bundle"
+    other.mkdir()
+    (other / "keep.txt").write_text("precious")
+    with pytest.raises(ExportError, match="not an edgeprune bundle"):
+        export_bundle(tiny_llava, "none", out_dir=other, force=True, **QUIET)
+    assert (other / "keep.txt").read_text() == "precious"
+
+
+def test_reuse_refuses_another_dtype(bundles, tmp_path):
+    with pytest.raises(ExportError, match="dtype"):
+        export_bundle("tiny-llava", "none", out_dir=tmp_path / "b", dtype="fp16", reuse_from=bundles["none"], **QUIET)
+    assert _nothing_written(tmp_path, "b")
+
+
+def test_next_needs_tokens_and_a_data_dependent_method(tiny_llava_next, tmp_path):
+    with pytest.raises(ExportError, match="--tokens"):
+        export_bundle(tiny_llava_next, "cls-topk", ratio=0.1, out_dir=tmp_path / "b", **QUIET)
+    with pytest.raises(ExportError, match="fixed N"):
+        export_bundle(tiny_llava_next, "random", tokens=64, out_dir=tmp_path / "b", **QUIET)
+    assert _nothing_written(tmp_path, "b")
+
+
+# ----------------------------------------------------------------------------------- CLI
+def _cli(monkeypatch, capsys, *argv):
+    from edgeprune import cli
+
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_export_help_happy_path_and_errors(bundles, monkeypatch, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        _cli(monkeypatch, capsys, "export", "--help")
+    assert exc.value.code == 0 and "usage: edgeprune export" in capsys.readouterr().out
+    out_dir = tmp_path / "cli-bundle"
+    code, out, err = _cli(monkeypatch, capsys, "export", "--model", "tiny-llava", "--method", "uniform", "--ratio",
+                          "0.25", "--out", str(out_dir), "--reuse", str(bundles["cls-topk"]))
+    assert code == 0, err
+    assert "K = 144" in out and "[2/4] prune" in err
+    assert json.loads((out_dir / MANIFEST).read_text())["method"]["k"] == 144
+    code, _, err = _cli(monkeypatch, capsys, "export", "--method", "cls-topk", "--tokens", "600", "--out",
+                        str(tmp_path / "bad"))
+    assert code == 2 and err.count("\n") == 1 and "error:" in err
+    code, _, err = _cli(monkeypatch, capsys, "export", "--method", "none", "--out", str(out_dir))
+    assert code == 2 and "--force" in err
+    assert _nothing_written(tmp_path, "bad")
+
