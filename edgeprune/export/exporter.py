@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -141,6 +142,19 @@ def _load(model: Any, dtype: str, random_weights: bool) -> Any:
     return load_model(model, random_weights=random_weights, dtype=dtype)
 
 
+# Config keys that record where and how a model was saved, not what it computes: save_pretrained rewrites them.
+_BOOKKEEPING = frozenset({"architectures", "_name_or_path", "name_or_path", "transformers_version", "torch_dtype",
+                          "dtype", "_attn_implementation_autoset", "_commit_hash", "output_attentions",
+                          "output_hidden_states", "return_dict", "use_cache"})
+
+
+def _architecture(cfg: Any) -> Any:
+    """``cfg`` (nested dicts) without the :data:`_BOOKKEEPING` keys."""
+    if isinstance(cfg, dict):
+        return {k: _architecture(v) for k, v in cfg.items() if k not in _BOOKKEEPING}
+    return cfg
+
+
 def model_fingerprint(model: Any) -> str:
     """A cheap sha256 of a model: its config, every tensor's name/shape/dtype and a strided sample of values.
 
@@ -148,7 +162,7 @@ def model_fingerprint(model: Any) -> str:
     sampling keeps it fast for 7B models while any re-initialisation or fine-tune changes it.
     """
     torch = require("torch")
-    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    h = hashlib.sha256(json.dumps(_architecture(model.config.to_dict()), sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
         flat = tensor.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 4096)].to(torch.float32).cpu().numpy()

@@ -197,3 +197,19 @@ def test_cli_export_help_happy_path_and_errors(bundles, monkeypatch, capsys, tmp
     assert code == 2 and "--force" in err
     assert _nothing_written(tmp_path, "bad")
 
+
+
+def test_fingerprint_ignores_save_bookkeeping_but_not_weights(tmp_path):
+    """save_pretrained rewrites config bookkeeping (architectures, _name_or_path, ...): same weights, same print."""
+    import torch
+
+    from edgeprune.export.exporter import model_fingerprint
+    from edgeprune.models.loader import load_model
+
+    loaded = load_model("tiny-llava")
+    before = model_fingerprint(loaded.model)
+    loaded.model.save_pretrained(tmp_path / "m")
+    assert model_fingerprint(loaded.model) == before
+    with torch.no_grad():
+        loaded.model.lm_head.weight[0, 0] += 1.0
+    assert model_fingerprint(loaded.model) != before
