@@ -21,7 +21,8 @@ from .methods.registry import build_method
 def build_pipeline(model: str | None, method: str | None = "none", *, tokens: int | None = None,
                    ratio: float | None = None, method_args: Mapping[str, str] | None = None, backend: str = "torch",
                    random_weights: bool = False, dtype: str = "fp32", device: str = "cpu", loaded: Any = None,
-                   clip: str | None = None, bundle: str | None = None, providers: Sequence[str] = ("cpu",)) -> Any:
+                   clip: str | None = None, bundle: str | None = None, providers: Sequence[str] = ("cpu",),
+                   kernels: str = "torch") -> Any:
     """Create a :class:`~edgeprune.runtime.pipeline.Pipeline`.
 
     Args:
@@ -36,6 +37,8 @@ def build_pipeline(model: str | None, method: str | None = "none", *, tokens: in
         clip: CLIP checkpoint for text guidance (``--clip``); text-guided methods default to ``tiny-clip`` on the
             offline presets and to a random CLIP-L/336 with ``--random-weights``, else to ``guidance=llm``.
         bundle, providers: the exported bundle directory and ONNX Runtime providers (``ort`` backend).
+        kernels: ``torch`` (reference) or ``triton`` (fused ZonalTopK / GraphRank kernels; CUDA tensors, or the
+            Triton interpreter on CPU).
     Raises:
         UnknownMethodError, MethodArgumentError, BudgetError, UnknownModelError, ModelLoadError, BackendError.
     """
@@ -50,6 +53,10 @@ def build_pipeline(model: str | None, method: str | None = "none", *, tokens: in
         return build_ort_pipeline(bundle, providers, method=method, tokens=tokens, ratio=ratio,
                                   method_args=method_args)
     prune = build_method(method or "none", method_args)
+    if kernels == "triton" and prune.use_kernels(kernels) == "triton":
+        from ._deps import require as _require
+
+        _require("triton")
     if budget.is_set and not prune.uses_budget:
         raise BudgetError(f"method {prune.name!r} does not take --tokens/--ratio "
                           + ("(its recipe sets the budget)" if prune.placement == "in_llm" else "(it keeps every token)")
@@ -88,5 +95,5 @@ def run_request(args: argparse.Namespace) -> Any:
     pipe = build_pipeline(args.model, args.method, tokens=args.tokens, ratio=args.ratio,
                           method_args=parse_method_args(args.method_arg), backend=args.backend,
                           random_weights=args.random_weights, dtype=args.dtype, device=args.device,
-                          clip=args.clip)
+                          clip=args.clip, kernels=args.kernels)
     return pipe.run(image, args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling)

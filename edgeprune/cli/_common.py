@@ -27,6 +27,9 @@ def add_method_args(p: argparse.ArgumentParser, default: str = "none") -> None:
     budget.add_argument("--ratio", type=float, help="keep round(r*N) visual tokens, r in (0, 1]")
     g.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="method parameter, repeatable (e.g. --method-arg seed=3)")
+    g.add_argument("--kernels", default="torch", choices=("torch", "triton"),
+                   help="pruning implementation: torch (reference) or triton (fused ZonalTopK/GraphRank kernels for "
+                        "gridprune/gprune; needs CUDA, or TRITON_INTERPRET=1 on CPU)")
     g.add_argument("--clip", metavar="CLIP", help="CLIP checkpoint (directory or hub id, e.g. "
                    "openai/clip-vit-large-patch14-336) for text-guided methods (gridprune guidance=clip); "
                    "'tiny-clip' is built offline and is the default for the tiny presets")

@@ -161,12 +161,28 @@ class PruningMethod:
     default_positions: ClassVar[str] = "compact"
     uses_budget: ClassVar[bool] = True
     needs_guidance: ClassVar[bool] = False  # True: the pipeline computes text guidance from the question
+    fused_op: ClassVar[str] = ""  # name of the fused Triton kernel / TensorRT plugin op, if the method has one
     Params: ClassVar[type[MethodParams]] = MethodParams
 
     def __init__(self, params: MethodParams | None = None) -> None:
         self.params = params if params is not None else self.Params()
         if not isinstance(self.params, self.Params):
             raise TypeError(f"{type(self).__name__} takes {self.Params.__name__}, got {type(self.params).__name__}")
+        self.kernels = "torch"  # "triton": run the fused kernel (``fused_op``) instead of the torch reference
+
+    def use_kernels(self, kernels: str) -> str:
+        """Choose the implementation: ``torch`` (the reference) or ``triton`` (the fused kernel, same indices).
+
+        Returns:
+            The implementation in effect: ``triton`` only for methods with a ``fused_op``; the others keep
+            ``torch`` (their selection is a single sort and gains nothing from a kernel).
+        Raises:
+            MethodArgumentError: an unknown implementation name.
+        """
+        if kernels not in ("torch", "triton"):
+            raise MethodArgumentError(f"--kernels must be torch or triton; got {kernels!r}")
+        self.kernels = kernels if self.fused_op else "torch"
+        return self.kernels
 
     # ----------------------------------------------------------------- parameters
     @classmethod

@@ -56,6 +56,7 @@ class GPrune(PruningMethod):
     paper = "G-Prune, arXiv 2501.02268 (AAAI 2025)"
     placement = "pre_llm"
     default_positions = "original"
+    fused_op = "GraphRank"
     Params = GPruneParams
 
     def _select(self, tokens: VisualTokens, k: int) -> "torch.Tensor":
@@ -65,4 +66,9 @@ class GPrune(PruningMethod):
 
         group = torch.as_tensor(tokens.layout.group, dtype=torch.int64)
         p = self.params
+        if self.kernels == "triton":  # the fused GraphRank kernels: same kept indices as the reference
+            from ..kernels.graph_rank import graph_rank_select
+
+            return graph_rank_select(tokens.features, group.to(tokens.features.device), k, p.threshold,
+                                     p.temperature, p.steps).long()
         return G.gprune_select(tokens.features, group, k, p.threshold, p.temperature, p.steps)

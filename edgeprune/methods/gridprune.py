@@ -74,6 +74,7 @@ class GridPrune(PruningMethod):
     placement = "pre_llm"
     default_positions = "compact"
     needs_guidance = True
+    fused_op = "ZonalTopK"
     Params = GridPruneParams
 
     def guidance_source(self, tokens: VisualTokens) -> str:
@@ -110,6 +111,13 @@ class GridPrune(PruningMethod):
         except ValueError as exc:  # a width mismatch means the guidance came from the other space
             raise MethodArgumentError(f"gridprune (guidance={source}): {exc}") from None
         zones = self.params.zones
+        if self.kernels == "triton":  # the fused ZonalTopK kernel: same indices as the reference below
+            from ..kernels.zonal_topk import zonal_topk
+
+            scores = G.local_scores(rel, tokens.cls_attn.to(rel.device), self.params.alpha)
+            zone = G.zone_ids(tokens.layout, zones).to(rel.device)
+            return zonal_topk(scores, zone, k, self.params.tau, token_relevance=rel,
+                              num_zones=G.num_zones(tokens.layout, zones)).long()
         return G.gridprune_select(
             rel,
             tokens.cls_attn.to(rel.device),

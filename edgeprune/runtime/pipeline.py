@@ -155,7 +155,7 @@ class Pipeline:
             next_pos += 1
         prof.profile.total = prof.now()
         prof.profile.counters.update(
-            backend=be.name, visual_in=n, visual_kept=int(k), visual_to_llm=int(kept_pos.shape[0]),
+            backend=be.name, kernels=getattr(getattr(be, "method", None), "kernels", "-"), visual_in=n, visual_kept=int(k), visual_to_llm=int(kept_pos.shape[0]),
             prompt_tokens=int(pos.shape[0]), new_tokens=len(tokens), positions=self.positions, **layer_stats,
         )
         text = be.codec.decode([t for t in tokens if t != be.eos_token_id])
