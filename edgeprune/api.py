@@ -73,15 +73,25 @@ def build_pipeline(model: str | None, method: str | None = "none", *, tokens: in
 
     if loaded is None:
         loaded = load_model(model, random_weights=random_weights, dtype=dtype, device=device)
-    guide = None
-    if prune.needs_guidance and getattr(prune.params, "guidance", "") != "llm":
-        from .models.clip_guidance import TINY_CLIP, load_clip
-
-        spec = clip or (TINY_CLIP if loaded.source == "offline-preset" else None)
-        if spec is not None or loaded.source == "random-weights":
-            guide = load_clip(spec or "", loaded.config.vision_config, random_weights=loaded.source == "random-weights",
-                              dtype=next(loaded.model.parameters()).dtype, device=device)
+    guide = _clip_guidance(prune, loaded, clip, device)
     return Pipeline(TorchBackend(loaded, prune, guide), budget, prune.positions, prune.uses_budget, prune.placement)
+
+
+def _clip_guidance(prune: Any, loaded: Any, clip: str | None, device: str) -> Any:
+    """The CLIP text tower for a text-guided method, or None (then ``guidance=auto`` falls back to ``llm``).
+
+    ``--clip`` wins; the offline presets default to ``tiny-clip`` and ``--random-weights`` builds to a random
+    CLIP-L/336 text tower, so latency measurements include the guidance stage.
+    """
+    if not prune.needs_guidance or getattr(prune.params, "guidance", "") == "llm":
+        return None
+    from .models.clip_guidance import TINY_CLIP, load_clip
+
+    spec = clip or (TINY_CLIP if loaded.source == "offline-preset" else None)
+    if spec is None and loaded.source != "random-weights":
+        return None
+    return load_clip(spec or "", loaded.config.vision_config, random_weights=loaded.source == "random-weights",
+                     dtype=next(loaded.model.parameters()).dtype, device=device)
 
 
 def run_request(args: argparse.Namespace) -> Any:

@@ -112,7 +112,8 @@ def _random_clip(transformers: Any, text: Any, vision_config: Any, proj: int, to
 
 def load_clip(spec: str, vision_config: Any, random_weights: bool = False, dtype: Any = None,
               device: str = "cpu") -> ClipGuidance:
-    """Resolve ``--clip``: ``tiny-clip``, a ``CLIPModel`` directory / hub id, or (random weights) CLIP-L/336.
+    """Resolve ``--clip``: ``tiny-clip``, a ``CLIPModel`` directory / hub id, or (empty ``spec`` with random
+    weights) CLIP-L/336's text tower with random weights.
 
     Raises:
         ModelLoadError: the checkpoint cannot be loaded, or its vision width does not match the LLaVA tower.
@@ -120,7 +121,9 @@ def load_clip(spec: str, vision_config: Any, random_weights: bool = False, dtype
     transformers = require("transformers")
     if spec == TINY_CLIP:
         guide = build_tiny_clip(vision_config)
-    elif random_weights:
+    elif not spec:  # no checkpoint named: only a random-weights build may invent one
+        if not random_weights:
+            raise ModelLoadError("no CLIP checkpoint given for guidance=clip; pass --clip DIR|hub-id")
         guide = build_random_clip_l336(vision_config)
     else:
         try:

@@ -117,48 +117,54 @@ class Pipeline:
         k = self.budget.resolve(n) if self.uses_budget else n
         check_context(len(prefix), total, len(suffix), max_new_tokens, be.max_positions)
         in_llm = InLLMRequest(self.budget, len(prefix)) if self.placement == "in_llm" else None
-        if in_llm is not None:
-            kept = np.arange(n, dtype=np.int64)  # every token enters the LLM; its layers drop them
-        else:
-            guidance = None
-            if be.needs_guidance:
-                with prof.span("guidance"):
-                    guidance = be.guidance(prompt)
-            with prof.span("prune"):
-                kept = be.select(visual, k, guidance)
+        kept = np.arange(n, dtype=np.int64) if in_llm else self._select(prof, visual, k, prompt)
         with prof.span("embed"):
             embeds, kept_pos = be.splice(prefix, visual, kept, suffix)
         pos = position_ids(len(prefix), total, len(suffix), kept_pos, self.positions)
         with prof.span("prefill"):
             logits = be.prefill(embeds, pos, in_llm)
         layer_stats: dict[str, Any] = {}
-        if in_llm is not None:
+        if in_llm is not None:  # every token entered the LLM; its layers dropped some
             stats = be.in_llm_stats()
             kept, k = stats["kept"], len(stats["kept"])
             layer_stats = {"layer_tokens": stats["layer_tokens"], "cache_lengths": stats["cache_lengths"]}
+        tokens, stop = self._generate(prof, logits, int(pos[-1]) + 1, max_new_tokens, sampling)
+        prof.profile.total = prof.now()
+        prof.profile.counters.update(
+            backend=be.name, kernels=getattr(getattr(be, "method", None), "kernels", "-"), visual_in=n,
+            visual_kept=int(k), visual_to_llm=int(kept_pos.shape[0]), prompt_tokens=int(pos.shape[0]),
+            new_tokens=len(tokens), positions=self.positions, **layer_stats,
+        )
+        text = be.codec.decode([t for t in tokens if t != be.eos_token_id])
+        return Result(text=text, tokens=tokens, kept=kept, kept_positions=kept_pos, n_visual=n,
+                      total_visual=total, prompt_ids=(prefix, suffix), position_ids=pos, stop_reason=stop,
+                      profile=prof.profile)
+
+    def _select(self, prof: Profiler, visual: Any, k: int, prompt: str) -> np.ndarray:
+        """Guidance (text-conditioned methods) and prune stages of a pre-LLM method: kept indices [K]."""
+        be = self.backend
+        guidance = None
+        if be.needs_guidance:
+            with prof.span("guidance"):
+                guidance = be.guidance(prompt)
+        with prof.span("prune"):
+            return be.select(visual, k, guidance)
+
+    def _generate(self, prof: Profiler, logits: np.ndarray, next_pos: int, max_new_tokens: int,
+                  sampling: SamplingConfig | None) -> tuple[list[int], str]:
+        """The decoding loop from the prefill logits: (tokens, stop reason); records TTFT and decode spans."""
+        be = self.backend
         sampler = Sampler(sampling)
         tokens: list[int] = []
-        stop = "max_new_tokens"
-        next_pos = int(pos[-1]) + 1
         while True:
             token = sampler(logits)
             if not tokens:
                 prof.profile.ttft = prof.now()
             tokens.append(token)
             if be.eos_token_id is not None and token == be.eos_token_id:
-                stop = "eos"
-                break
+                return tokens, "eos"
             if len(tokens) >= max_new_tokens:
-                break
+                return tokens, "max_new_tokens"
             with prof.span("decode"):
                 logits = be.decode(token, next_pos)
             next_pos += 1
-        prof.profile.total = prof.now()
-        prof.profile.counters.update(
-            backend=be.name, kernels=getattr(getattr(be, "method", None), "kernels", "-"), visual_in=n, visual_kept=int(k), visual_to_llm=int(kept_pos.shape[0]),
-            prompt_tokens=int(pos.shape[0]), new_tokens=len(tokens), positions=self.positions, **layer_stats,
-        )
-        text = be.codec.decode([t for t in tokens if t != be.eos_token_id])
-        return Result(text=text, tokens=tokens, kept=kept, kept_positions=kept_pos, n_visual=n,
-                      total_visual=total, prompt_ids=(prefix, suffix), position_ids=pos, stop_reason=stop,
-                      profile=prof.profile)
