@@ -37,9 +37,10 @@ def main(args: argparse.Namespace) -> int:
 
     manifest = export_bundle(args.model, args.method, out_dir=args.out, tokens=args.tokens, ratio=args.ratio,
                              method_args=parse_method_args(args.method_arg), opset=args.opset, dtype=args.dtype,
-                             force=args.force, reuse_from=args.reuse, random_weights=args.random_weights)
+                             force=args.force, reuse_from=args.reuse, random_weights=args.random_weights,
+                             clip=args.clip)
     m = manifest["method"]
-    budget = "all tokens" if m["k"] is None else f"K = {m['k']}"
+    budget = "the recipe's budget" if m["name"] == "fitprune" else ("all tokens" if m["k"] is None else f"K = {m['k']}")
     graphs = ", ".join(f"{name} ({e['max_abs_err']:.1e})" for name, e in manifest["graphs"].items())
     print(f"wrote {args.out}: {manifest['model']['name']} {m['name']} {budget}, opset {manifest['opset']}, "
           f"{manifest['model']['dtype']}")

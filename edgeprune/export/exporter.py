@@ -1,14 +1,23 @@
 """``export_bundle``: cut a LLaVA model into ONNX graphs, validate each with ONNX Runtime, write a bundle.
 
-Graphs (DESIGN.md §2): ``vision`` (CLIP + projector + [CLS] attention), ``prune`` (the method with a static K;
-none for ``none``), ``embed`` and ``decoder`` (one graph for prefill and decode, flat KV cache). Each is
-exported with ``torch.onnx.export(dynamo=True)`` from examples with batch 2, seq > 1 and past > 0 (sizes 0
-and 1 would be specialised, DESIGN.md §6), then run with ONNX Runtime on *other* sizes (batch 1, an empty past,
-a single-token decode) and compared with the PyTorch wrapper; the worst absolute error goes into the manifest.
+Graphs (DESIGN.md §2): ``vision`` (CLIP + projector + [CLS] attention, + CLIP-space patch embeddings for
+GridPrune with CLIP guidance), ``guidance`` (GridPrune with CLIP guidance: the CLIP text tower), ``prune`` (the
+method with a static K; GridPrune / G-Prune as a fused ``edgeprune``-domain node defined by a local function,
+written op by op in :mod:`~edgeprune.export.lower_gridprune` / :mod:`~edgeprune.export.lower_gprune`; none for
+``none`` and the in-LLM methods), ``embed``, and ``decoder`` (one graph for prefill and decode, flat KV cache) or,
+for FastV / FitPrune, ``prefill`` (drops between layers, ragged presents) + ``decoder`` (decode over the ragged
+cache), see :mod:`~edgeprune.export.inllm_decoder`. Traced graphs are exported with
+``torch.onnx.export(dynamo=True)`` from examples with batch 2, seq > 1 and past > 0 (sizes 0
+and 1 would be specialised, DESIGN.md §6); every graph is then run with ONNX Runtime on *other* sizes (batch 1,
+an empty past, a single-token decode, other LLaVA-NeXT layouts, exact ties) and compared with its PyTorch
+wrapper or reference (integer outputs such as kept indices must be equal); the worst absolute error goes into
+the manifest.
 
 The bundle is written into a temporary sibling directory and renamed into place at the end, so an interrupted
-or failed export leaves nothing behind. ``reuse_from`` copies the vision/embed/decoder graphs of an existing
-bundle of the same model (checked by a weights fingerprint), so a sweep over budgets exports the LLM once.
+or failed export leaves nothing behind. ``reuse_from`` copies the model graphs (vision, guidance, embed, decoder)
+of an existing bundle of the same model (checked by a weights fingerprint; CLIP-dependent graphs also by the CLIP
+fingerprint) whose specs match, so a sweep over budgets exports the LLM once; ``prune`` and ``prefill`` bake the
+method in and are always exported.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from .._deps import require
 from ..methods.base import Budget
 from ..methods.registry import build_method
 from . import graphs as G
-from .manifest import MANIFEST, NEWLINE_FILE, TOKENIZER_FILE, ExportError, write_manifest
+from .manifest import CLIP_TOKENIZER_DIR, MANIFEST, NEWLINE_FILE, TOKENIZER_FILE, ExportError, write_manifest
 from .spec import GraphSpec
 
 DTYPES = {"fp32": "float32", "fp16": "float16"}
@@ -44,11 +53,20 @@ MIN_OPSET, MAX_OPSET = 18, 23
 # summation order (~1e-6 relative here), so 1e-4 leaves margin yet catches any real lowering bug (a wrong mask
 # or position shifts logits by O(0.1)). fp16 keeps ~3 decimal digits per op.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
+NEVER_REUSED = ("prune", "prefill")  # graphs that depend on the method and budget, not only on the model
 
 
 @dataclass
 class GraphJob:
-    """One graph to export: the wrapper, its spec, the export example and the validation feeds."""
+    """One graph to export: the wrapper, its spec, the export example and the validation feeds.
+
+    Attributes:
+        module: the PyTorch wrapper traced by the exporter, or (with ``build``) the PyTorch reference the
+            hand-built graph is validated against.
+        build: ``build(opset) -> onnx.ModelProto`` for graphs written op by op (the fused-op prune graphs).
+        mins / maxs: bounds of symbolic dimensions for ``torch.export``.
+        meta: extra fields recorded in the graph's manifest entry.
+    """
 
     name: str
     module: Any
@@ -57,12 +75,16 @@ class GraphJob:
     checks: list[dict[str, np.ndarray]]
     var_inputs: int = 0
     mins: dict[str, int] = field(default_factory=dict)
+    maxs: dict[str, int] = field(default_factory=dict)
+    build: Callable[[int], Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def export_bundle(model: Any, method: str = "none", *, out_dir: str | os.PathLike[str], tokens: int | None = None,
                   ratio: float | None = None, method_args: Mapping[str, str] | None = None, opset: int = 18,
                   dtype: str = "fp32", force: bool = False, reuse_from: str | os.PathLike[str] | None = None,
-                  random_weights: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  random_weights: bool = False, clip: Any = None,
+                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Export ``model`` with ``method`` into the bundle directory ``out_dir``.
 
     Args:
@@ -77,6 +99,10 @@ def export_bundle(model: Any, method: str = "none", *, out_dir: str | os.PathLik
         force: replace an existing bundle at ``out_dir``.
         reuse_from: a bundle of the same model, dtype and opset whose vision/embed/decoder graphs are reused.
         random_weights: with a preset name, build its architecture with random weights.
+        clip: GridPrune's CLIP checkpoint (``--clip``: directory, hub id, ``tiny-clip``, or a loaded
+            :class:`~edgeprune.models.clip_guidance.ClipGuidance`); default as ``build_pipeline``: ``tiny-clip``
+            for the offline presets, CLIP-L/336's towers with random weights for ``random_weights``, else
+            ``guidance=llm``.
         log: progress sink (default: stderr, through tqdm when installed).
     Returns:
         The manifest as written.
@@ -92,17 +118,18 @@ def export_bundle(model: Any, method: str = "none", *, out_dir: str | os.PathLik
     out = Path(out_dir)
     _check_out_dir(out, force)
     loaded = _load(model, dtype, random_weights)
-    plan = G.plan_prune(loaded, prune, budget)
+    plan = G.plan_prune(loaded, prune, budget, clip)
     parent = out.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     try:
         fingerprint = model_fingerprint(loaded.model)
-        jobs = G.graph_jobs(loaded, plan, sdtype)
+        clip_fp = None if plan.clip is None else model_fingerprint(plan.clip.model)
+        jobs = G.graph_jobs(loaded, plan, sdtype, prune, clip_fp)
         reused = _reuse(reuse_from, jobs, fingerprint, dtype, opset, tmp) if reuse_from else {}
         with _progress(len(jobs), log) as report:
             entries = _export_all(jobs, reused, tmp, opset, sdtype, report)
-        host = _write_host_files(loaded, tmp)
+        host = _write_host_files(loaded, tmp, plan, clip_fp)
         manifest = write_manifest(tmp, G.manifest_sections(loaded, prune, plan, entries, host, fingerprint,
                                                            dtype, opset))
         _move_into_place(tmp, out)
@@ -178,8 +205,13 @@ def export_graph(job: GraphJob, path: Path, opset: int) -> None:
     Raises:
         ExportError: the exporter failed (its log is attached), or the graph's inputs differ from the spec.
     """
-    torch = require("torch")
     onnx = require("onnx")
+    if job.build is not None:  # written op by op (fused-op prune graphs): small, one file, names set already
+        proto = job.build(opset)
+        onnx.save(proto, str(path))
+        _check_exported(proto, job, opset)
+        return
+    torch = require("torch")
     args = tuple(torch.from_numpy(job.example[n]) for n in job.spec.input_names)
     captured = io.StringIO()
     try:
@@ -190,7 +222,7 @@ def export_graph(job: GraphJob, path: Path, opset: int) -> None:
             program = torch.onnx.export(
                 job.module.eval(), args, dynamo=True, opset_version=opset, input_names=job.spec.input_names,
                 output_names=job.spec.output_names, verbose=False,
-                dynamic_shapes=job.spec.dynamic_shapes(job.var_inputs, job.mins))
+                dynamic_shapes=job.spec.dynamic_shapes(job.var_inputs, job.mins, job.maxs))
             program.save(str(path), external_data=True)
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types; re-raised typed with the log
         first = (str(exc).strip().splitlines() or [""])[0]
@@ -199,6 +231,11 @@ def export_graph(job: GraphJob, path: Path, opset: int) -> None:
     proto = onnx.load(str(path), load_external_data=False)
     _hierarchical_names(proto, job.name)
     onnx.save(proto, str(path))  # initializers stay in the sidecar: they were not loaded
+    _check_exported(proto, job, opset)
+
+
+def _check_exported(proto: Any, job: GraphJob, opset: int) -> None:
+    """The written graph has the spec's inputs and the asked opset (ExportError otherwise)."""
     names = [i.name for i in proto.graph.input]
     if names != job.spec.input_names:
         raise ExportError(f"internal error: the exported {job.name} graph has inputs {names}, its spec "
@@ -295,7 +332,7 @@ def _export_all(jobs: list[GraphJob], reused: dict[str, dict[str, Any]], tmp: Pa
         files = sorted(p.name for p in tmp.iterdir() if p.name.startswith(path.name))
         entries[job.name] = {"file": path.name, "files": files, "spec": job.spec.to_dict(), "max_abs_err": err,
                              "validated_on": [job.spec.check_feeds(c) for c in job.checks],
-                             "export_seconds": round(seconds, 2)}
+                             "export_seconds": round(seconds, 2), **job.meta}
         log(f"[{i}/{len(jobs)}] {job.name}: exported in {seconds:.1f} s, max |ORT - torch| = {err:.2e}")
     return entries
 
@@ -316,7 +353,9 @@ def _reuse(source: str | os.PathLike[str], jobs: list[GraphJob], fingerprint: st
     out: dict[str, dict[str, Any]] = {}
     for job in jobs:
         entry = m["graphs"].get(job.name)
-        if job.name == "prune" or entry is None or entry.get("spec") != job.spec.to_dict():
+        # prune and prefill graphs bake the method in; CLIP-dependent graphs must come from the same CLIP
+        if job.name in NEVER_REUSED or entry is None or entry.get("spec") != job.spec.to_dict() \
+                or entry.get("clip_fingerprint") != job.meta.get("clip_fingerprint"):
             continue
         for name in entry["files"]:
             try:
@@ -327,8 +366,9 @@ def _reuse(source: str | os.PathLike[str], jobs: list[GraphJob], fingerprint: st
     return out
 
 
-def _write_host_files(loaded: Any, tmp: Path) -> dict[str, Any]:
-    """The tokenizer (``save_pretrained``) and, for LLaVA-NeXT, the newline embedding; returns their names."""
+def _write_host_files(loaded: Any, tmp: Path, plan: Any, clip_fingerprint: str | None) -> dict[str, Any]:
+    """The tokenizer (``save_pretrained``), for LLaVA-NeXT the newline embedding, and GridPrune's guidance data
+    (the CLIP tokenizer in :data:`CLIP_TOKENIZER_DIR`); returns their names and the manifest's guidance section."""
     before = set(os.listdir(tmp))
     loaded.tokenizer.save_pretrained(str(tmp))
     tok_files = sorted(set(os.listdir(tmp)) - before)
@@ -340,7 +380,33 @@ def _write_host_files(loaded: Any, tmp: Path) -> dict[str, Any]:
     if getattr(inner, "image_newline", None) is not None:
         np.save(tmp / NEWLINE_FILE, inner.image_newline.detach().cpu().numpy())
         newline = NEWLINE_FILE
-    return {"tokenizer_files": tok_files, "newline_file": newline}
+    return {"tokenizer_files": tok_files, "newline_file": newline,
+            "guidance": _guidance_section(loaded, tmp, plan, clip_fingerprint)}
+
+
+def _guidance_section(loaded: Any, tmp: Path, plan: Any, clip_fingerprint: str | None) -> dict[str, Any] | None:
+    """What the runtime needs to compute GridPrune's guidance vector from the question (None otherwise).
+
+    ``clip``: the CLIP tokenizer (saved to a subdirectory), its BOS/EOS ids and context (the host splits long
+    questions into ``[BOS] ... [EOS]`` chunks of at most ``context`` tokens, runs ``guidance.onnx`` on each and
+    averages the unit embeddings). ``llm``: host-side mean of ``embed.onnx`` over the question's tokens (no BOS);
+    an empty question embeds ``empty_token_id`` (the tokenizer's unk, else 0), as the torch backend does.
+    """
+    if plan.guidance == "llm":
+        return {"source": "llm", "empty_token_id": int(loaded.tokenizer.unk_token_id or 0)}
+    if plan.guidance != "clip":
+        return None
+    tok = plan.clip.tokenizer
+    tok.save_pretrained(str(tmp / CLIP_TOKENIZER_DIR))
+    if not (tmp / CLIP_TOKENIZER_DIR / TOKENIZER_FILE).is_file():
+        raise ExportError(f"the CLIP tokenizer of {plan.clip.name} has no fast {TOKENIZER_FILE}; the torch-free "
+                          "runtime needs one")
+    if tok.eos_token_id is None:
+        raise ExportError(f"the CLIP tokenizer of {plan.clip.name} has no EOS token; it cannot pool [EOS]")
+    return {"source": "clip", "clip": plan.clip.name, "fingerprint": clip_fingerprint,
+            "tokenizer": f"{CLIP_TOKENIZER_DIR}/{TOKENIZER_FILE}", "context": int(plan.clip.context),
+            "bos_token_id": None if tok.bos_token_id is None else int(tok.bos_token_id),
+            "eos_token_id": int(tok.eos_token_id)}
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

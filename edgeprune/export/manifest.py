@@ -4,8 +4,14 @@ A bundle is a directory::
 
     manifest.json            format + version, model, method, K/N, graphs (spec, files), preprocessing,
                              prompt, tokenizer, vision geometry, library versions, opset, sha256 of every file
-    vision.onnx(.data)       [prune.onnx(.data)]  embed.onnx(.data)  decoder.onnx(.data)
+    vision.onnx(.data)       CLIP + projector (+ CLIP-space patch embeddings for GridPrune with CLIP guidance)
+    guidance.onnx(.data)     GridPrune with CLIP guidance: the CLIP text tower
+    prune.onnx(.data)        pre-LLM methods with a budget (GridPrune/G-Prune: a fused edgeprune-domain node)
+    embed.onnx(.data)        the LLM's token embedding
+    prefill.onnx(.data)      in-LLM methods (FastV, FitPrune): prefill with in-graph drops, ragged presents
+    decoder.onnx(.data)      decode (pre-LLM methods: prefill and decode; in-LLM: decode over the ragged cache)
     tokenizer.json ...       the tokenizer as written by ``save_pretrained`` (the runtime reads tokenizer.json)
+    clip_tokenizer/          GridPrune with CLIP guidance: the CLIP tokenizer
     image_newline.npy        LLaVA-NeXT only: the newline embedding the host splices after every grid row
 
 This module owns the schema constants, hashing and writing; :mod:`edgeprune.runtime.bundle` reads and verifies.
@@ -28,6 +34,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 NEWLINE_FILE = "image_newline.npy"
 TOKENIZER_FILE = "tokenizer.json"
+CLIP_TOKENIZER_DIR = "clip_tokenizer"  # GridPrune with CLIP guidance: the CLIP text tower's tokenizer
 # The top-level manifest sections every reader may rely on (checked when a bundle is opened).
 REQUIRED = ("format", "format_version", "model", "method", "graphs", "preprocessing", "prompt", "tokenizer",
             "vision", "max_positions", "opset", "libraries", "files")

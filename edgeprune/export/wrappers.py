@@ -4,7 +4,9 @@ Each wrapper takes and returns plain tensors in the order of its :class:`~edgepr
 reaches the model only through the family adapter's public seams (``vision_tower``, ``multi_modal_projector``,
 ``language_model``, ``get_input_embeddings()``, ``lm_head``), so transformers is never patched:
 
-- :class:`VisionGraph`: pixels ``[V,3,S,S]`` -> projected features ``[V,P,D]``, [CLS] attention ``[V,P]``.
+- :class:`VisionGraph`: pixels ``[V,3,S,S]`` -> projected features ``[V,P,D]``, [CLS] attention ``[V,P]`` and,
+  for GridPrune with CLIP guidance, CLIP-space patch embeddings ``[V,P,Dc]``.
+- :class:`ClipTextGraph`: the CLIP text tower, ``input_ids [B,S]`` -> unit ``text_embeds [B,Dc]`` (guidance).
 - :class:`EmbedGraph`: ``input_ids [B,S]`` -> ``inputs_embeds [B,S,D]``.
 - :class:`DecoderGraph`: one graph for prefill and decode over flat per-layer past keys/values.
 - :class:`PruneGraph`: the simple pre-LLM methods with a static K (``cls-topk``, ``uniform``, ``random``).
@@ -27,19 +29,47 @@ class VisionGraph(nn.Module):
 
     Args:
         loaded: a :class:`~edgeprune.models.loader.LoadedModel`.
+        clip: a :class:`~edgeprune.models.clip_guidance.ClipGuidance` to also return CLIP-space patch
+            embeddings (``post_layernorm`` of the tower + the CLIP checkpoint's ``visual_projection`` on the
+            feature-layer states, normalised), or None.
     """
 
-    def __init__(self, loaded: Any) -> None:
+    def __init__(self, loaded: Any, clip: Any = None) -> None:
         super().__init__()
         inner = loaded.family.inner(loaded.model)
         self.tower = inner.vision_tower
         self.projector = inner.multi_modal_projector
         self.feature_layer = int(loaded.config.vision_feature_layer)
+        self.visual_projection = None if clip is None else clip.model.visual_projection
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pixel_values [V,3,S,S] -> (features [V,P,D], cls_attn [V,P] float32)."""
-        feats, cls_attn, _ = clip_features_and_cls_attn(self.tower, self.projector, pixel_values, self.feature_layer)
-        return feats, cls_attn
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """pixel_values [V,3,S,S] -> (features [V,P,D], cls_attn [V,P] float32[, clip_embeds [V,P,Dc] float32])."""
+        feats, cls_attn, hidden = clip_features_and_cls_attn(self.tower, self.projector, pixel_values,
+                                                             self.feature_layer)
+        if self.visual_projection is None:
+            return feats, cls_attn
+        # ClipGuidance.patch_embeds, inlined: that method runs under inference_mode, which torch.export refuses
+        proj = self.visual_projection
+        clip = proj(self.tower.post_layernorm(hidden.to(proj.weight.dtype)))
+        return feats, cls_attn, torch.nn.functional.normalize(clip.float(), dim=-1)
+
+
+class ClipTextGraph(nn.Module):
+    """The CLIP text tower for GridPrune's guidance: ``input_ids [B,S]`` -> ``text_embeds [B,Dc]`` float32.
+
+    The [EOS] state is pooled at the last position (the runtime builds every chunk as ``[BOS] ... [EOS]``,
+    as :meth:`~edgeprune.models.clip_guidance.ClipGuidance.text_embed` does), projected with the checkpoint's
+    ``text_projection`` and L2-normalised. Chunking of long questions and the average over chunks are host code.
+    """
+
+    def __init__(self, clip: Any) -> None:
+        super().__init__()
+        self.text = clip.model.text_model
+        self.projection = clip.model.text_projection
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.text(input_ids=input_ids).last_hidden_state  # after the final LayerNorm
+        return torch.nn.functional.normalize(self.projection(hidden[:, -1]).float(), dim=-1)
 
 
 class EmbedGraph(nn.Module):

@@ -159,9 +159,25 @@ def open_bundle(root: str | Path, verify: bool = True) -> Bundle:
     for name in ("vision", "embed", "decoder"):
         if name not in graphs:
             raise BundleError(f"{root / MANIFEST} lists no {name!r} graph; {_REEXPORT}")
-    # The manifest is not hashed (it holds the hashes): at least keep its K consistent with the prune graph's.
-    k = manifest["method"].get("k")
+    _check_method_graphs(root, manifest["method"], graphs)
+    return Bundle(root=root, manifest=manifest, graphs=graphs)
+
+
+def _check_method_graphs(root: Path, method: Mapping[str, Any], graphs: Mapping[str, GraphEntry]) -> None:
+    """The manifest is not hashed (it holds the hashes): at least keep its method consistent with the graphs.
+
+    Pre-LLM: K equals the prune graph's static K (no prune graph for ``none``). In-LLM: a prefill graph exists
+    (its K, FastV's, is baked in and recorded in the manifest's ``in_llm`` section).
+
+    Raises:
+        BundleError: an inconsistency (names the manifest and what to do).
+    """
+    if method.get("placement") == "in_llm":
+        if "prefill" not in graphs:
+            raise BundleError(f"{root / MANIFEST} is for the in-LLM method {method.get('name')} but lists no "
+                              f"'prefill' graph; {_REEXPORT}")
+        return
+    k = method.get("k")
     prune_k = graphs["prune"].spec.outputs[-1].dims[-1] if "prune" in graphs else None
     if k != prune_k:
         raise BundleError(f"{root / MANIFEST} says K = {k} but its prune graph keeps {prune_k}; {_REEXPORT}")
-    return Bundle(root=root, manifest=manifest, graphs=graphs)

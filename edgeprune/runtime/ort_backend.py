@@ -1,9 +1,12 @@
 """The ``ort`` backend: an exported bundle run with ONNX Runtime, numpy on the host, no torch, no transformers.
 
-What runs where (DESIGN.md §2): the vision, prune, embed and decoder graphs in ONNX Runtime sessions (created
-once per backend and reused); the LLaVA-NeXT packing (``runtime.anyres.pack_layout``) and the splice of kept
-visual rows between the prompt's text embeddings on the host in numpy; tokenisation with the ``tokenizers``
-library from the bundle's ``tokenizer.json``. The KV cache stays in ONNX Runtime ``OrtValue`` objects between
+What runs where (DESIGN.md §2): the vision, guidance, prune, embed, prefill and decoder graphs in ONNX Runtime
+sessions (created once per backend and reused); the LLaVA-NeXT packing (``runtime.anyres.pack_layout``), the
+splice of kept visual rows between the prompt's text embeddings, GridPrune's guidance averaging / zone ids and
+G-Prune's group ids (:mod:`~edgeprune.runtime.ort_methods`) on the host in numpy; tokenisation with the
+``tokenizers`` library from the bundle's ``tokenizer.json`` (and ``clip_tokenizer/`` for CLIP guidance).
+In-LLM methods (FastV, FitPrune) run their ``prefill`` graph, which drops visual tokens between layers, and then
+decode over the ragged per-layer cache (:mod:`~edgeprune.runtime.ort_inllm`). The KV cache stays in ONNX Runtime ``OrtValue`` objects between
 decode steps: the decoder runs through IO binding, its presents are bound to the execution device and fed back
 as the next step's past, so the cache never goes through numpy (on CUDA it stays on the GPU); only the
 last-token logits are bound to host memory.
@@ -27,6 +30,8 @@ from ..export.spec import DTYPES
 from .anyres import pack_layout
 from .backend import Backend
 from .bundle import Bundle, BundleError, GraphEntry, open_bundle
+from .ort_inllm import RaggedSession
+from .ort_methods import Guidance, prune_feeds
 from .preprocess import ImageConfig
 
 log = logging.getLogger(__name__)
@@ -130,6 +135,8 @@ class OrtVisual:
         total: T visual positions before pruning (N plus NeXT newlines).
         prunable_pos: [N] positions of the prunable tokens within the T.
         extra_rows / extra_pos: [T - N, D] always-kept rows (NeXT newlines) and their positions, or None.
+        clip_embeds: [1, N, Dc] CLIP-space patch embeddings (GridPrune with CLIP guidance), or None.
+        layout: ``view``, ``row``, ``col``, ``group`` ([N] int64 each) of the prunable tokens (NeXT), or None.
         kept / kept_rows: the last prune graph result ([K] indices, [K, D] rows), reused by the splice.
     """
 
@@ -139,6 +146,8 @@ class OrtVisual:
     prunable_pos: np.ndarray
     extra_rows: np.ndarray | None = None
     extra_pos: np.ndarray | None = None
+    clip_embeds: np.ndarray | None = None
+    layout: dict[str, np.ndarray] | None = None
     kept: np.ndarray | None = None
     kept_rows: np.ndarray | None = None
 
@@ -198,31 +207,70 @@ class OrtBackend(Backend):
         self.newline = None if not vis.get("newline_file") else np.load(self.bundle.path(vis["newline_file"]))
         self.k = self.bundle.k
         dec = self.runners["decoder"].spec
-        self._past_names = dec.input_names[3:]
-        self._present_names = dec.output_names[1:]
-        past = dec.inputs[3]
+        self._past_names = [n for n in dec.input_names if n.startswith("past_")]
+        self._present_names = [n for n in dec.output_names if n.startswith("present_")]
+        past = dec.inputs[dec.input_names.index(self._past_names[0])]
         self._kv_shape = (1, int(past.dims[1]), 0, int(past.dims[3]))
         self._kv_dtype = DTYPES[past.dtype]
         self._kv: list[Any] = []
         self._seq_len = 0
+        self._ragged = RaggedSession(self.runners["prefill"], self.runners["decoder"], self.device) \
+            if "prefill" in self.runners else None
+        self._spliced: tuple[OrtVisual, np.ndarray] | None = None
+        self._ragged_active = False  # the last prefill was in-LLM: decode over the ragged cache
+        self._guidance = self._make_guidance(m.get("guidance"))
+
+    def _make_guidance(self, section: dict[str, Any] | None) -> Guidance | None:
+        """GridPrune's guidance stage from the manifest (None for the other methods)."""
+        if section is None:
+            return None
+        embed = lambda ids: self.runners["embed"].infer({"input_ids": ids})[0]  # noqa: E731
+        if section.get("source") != "clip":
+            return Guidance(section, self.codec, embed)
+        if "guidance" not in self.runners:
+            raise BundleError(f"{self.bundle.root}: CLIP guidance needs a guidance graph, which the manifest does not "
+                              "list; re-export the bundle")
+        clip_codec = TokenizersCodec(self.bundle.path(section["tokenizer"]))
+        text = lambda ids: self.runners["guidance"].infer({"input_ids": ids})[0]  # noqa: E731
+        return Guidance(section, self.codec, embed, clip_codec, text)
+
+    @property
+    def needs_guidance(self) -> bool:  # type: ignore[override]
+        return self._guidance is not None
+
+    def guidance(self, question: str) -> np.ndarray:
+        """GridPrune's guidance vector [1, Dg] float32 (CLIP text tower or mean LLM embedding, see the manifest).
+
+        Raises:
+            BackendError: the bundle's method is not text-guided.
+        """
+        if self._guidance is None:
+            raise BackendError(f"method {self.bundle.method['name']} takes no text guidance")
+        return self._guidance(question)
 
     # ------------------------------------------------------------------ vision / prune / splice
     def encode_image(self, pixel_values: np.ndarray, image_size: tuple[int, int]) -> OrtVisual:
         vision = self.runners["vision"]
         px = np.ascontiguousarray(pixel_values, dtype=vision.spec.inputs[0].np_dtype)
-        feats, cls_attn = vision.infer({"pixel_values": px})  # [V, P, D], [V, P]
+        feats, cls_attn, *clip = vision.infer({"pixel_values": px})  # [V, P, D], [V, P] (, [V, P, Dc])
+        clip_embeds = clip[0] if clip else None
         if self.pinpoints is None:
             n = feats.shape[1]
             return OrtVisual(features=feats[:1], cls_attn=cls_attn[:1], total=n,
-                             prunable_pos=np.arange(n, dtype=np.int64))
+                             prunable_pos=np.arange(n, dtype=np.int64),
+                             clip_embeds=None if clip_embeds is None else clip_embeds[:1])
         layout = pack_layout(tuple(image_size), self.pinpoints, self.view_px, self.patch_px)
         prunable = np.flatnonzero(layout.source >= 0).astype(np.int64)
         src = layout.source[prunable]
         flat = feats.reshape(-1, feats.shape[-1])
         newline_pos = np.flatnonzero(layout.source < 0).astype(np.int64)
         extra = np.broadcast_to(self.newline.astype(flat.dtype), (len(newline_pos), flat.shape[-1]))
+        if clip_embeds is not None:
+            clip_embeds = clip_embeds.reshape(-1, clip_embeds.shape[-1])[src][None]
+        lay = {key: getattr(layout, key)[prunable] for key in ("view", "row", "col", "group")}
         return OrtVisual(features=flat[src][None], cls_attn=cls_attn.reshape(-1)[src][None], total=layout.total,
-                         prunable_pos=prunable, extra_rows=extra, extra_pos=newline_pos)
+                         prunable_pos=prunable, extra_rows=extra, extra_pos=newline_pos, clip_embeds=clip_embeds,
+                         layout=lay)
 
     def select(self, visual: OrtVisual, k: int, guidance: Any = None) -> np.ndarray:
         """Kept indices [K] (int64, ascending) from the prune graph; every index for ``none``.
@@ -238,9 +286,8 @@ class OrtBackend(Backend):
         if k != self.k:
             raise BackendError(f"this bundle's prune graph has a static K = {self.k}; K = {k} was asked. "
                                "Export another bundle for another budget")
-        feeds = {"features": visual.features}
-        if "cls_attn" in prune.spec.input_names:
-            feeds["cls_attn"] = np.ascontiguousarray(visual.cls_attn, dtype=np.float32)
+        grid = (self.view_px // self.patch_px, self.view_px // self.patch_px)
+        feeds = prune_feeds(prune.spec.input_names, visual, self.bundle.method, grid, guidance)
         kept_rows, kept_idx = prune.infer(feeds)
         visual.kept, visual.kept_rows = kept_idx[0].astype(np.int64), kept_rows[0]
         return visual.kept
@@ -251,6 +298,7 @@ class OrtBackend(Backend):
         ids = np.asarray([list(prefix) + list(suffix)], dtype=np.int64)
         text = self.runners["embed"].infer({"input_ids": ids})[0][0]  # [L, D]
         embeds = np.concatenate([text[: len(prefix)], rows.astype(text.dtype), text[len(prefix):]], axis=0)
+        self._spliced = (visual, pos)
         return embeds[None], pos
 
     # ------------------------------------------------------------------ LLM
@@ -261,6 +309,9 @@ class OrtBackend(Backend):
         host = {"inputs_embeds": np.ascontiguousarray(embeds, dtype=dec.spec.inputs[0].np_dtype),
                 "attention_mask": np.ones((1, self._seq_len + s), dtype=np.int64),
                 "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64).reshape(1, s)}
+        if "attention_mask" not in dec.spec.input_names:  # an in-LLM bundle's decoder: see prefill()
+            raise BackendError("this bundle's decoder runs after an in-LLM prefill only (method "
+                               f"{self.bundle.method['name']}); the pipeline must pass the in-LLM request")
         shapes = {k: v.shape for k, v in host.items()}
         shapes |= {n: tuple(v.shape()) for n, v in zip(self._past_names, self._kv)}
         dtypes = {k: v.dtype for k, v in host.items()} | {n: self._kv_dtype for n in self._past_names}
@@ -280,21 +331,41 @@ class OrtBackend(Backend):
         return outputs[0].numpy()[0].astype(np.float32)
 
     def prefill(self, embeds: np.ndarray, position_ids: np.ndarray, in_llm: Any = None) -> np.ndarray:
-        """Start a fresh KV cache and run the prompt; ``in_llm`` (FastV/FitPrune) has no ONNX lowering yet.
+        """Start a fresh KV cache and run the prompt; with ``in_llm`` (FastV/FitPrune) through the prefill graph,
+        which drops visual tokens between layers and leaves a ragged cache.
 
         Raises:
-            BackendError: an in-LLM request (the bundle's decoder keeps every token).
+            BackendError: an in-LLM request for a bundle without a prefill graph, or the reverse.
         """
+        self._ragged_active = False
         if in_llm is not None:
-            raise BackendError("in-LLM pruning (FastV, FitPrune) has no ONNX decoder yet; use --backend torch")
+            if self._ragged is None or self._spliced is None:
+                raise BackendError(f"this bundle ({self.bundle.method['name']}) has no in-LLM prefill graph; export "
+                                   "one with --method fastv or fitprune" if self._ragged is None else
+                                   "splice() must run before an in-LLM prefill")
+            visual, pos = self._spliced
+            self._ragged_active = True
+            return self._ragged.prefill(embeds, position_ids, int(in_llm.visual_start), pos, visual.prunable_pos)
         ort = require("onnxruntime")
         empty = np.zeros(self._kv_shape, dtype=self._kv_dtype)
         self._kv = [ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0) for _ in self._past_names]
         self._seq_len = 0
         return self._step(embeds, position_ids)
 
+    def in_llm_stats(self) -> dict[str, Any]:
+        """``kept`` (indices into N), ``layer_tokens`` and ``cache_lengths`` of the last in-LLM prefill.
+
+        Raises:
+            BackendError: no in-LLM prefill ran.
+        """
+        if self._ragged is None:
+            raise BackendError("in_llm_stats() needs an in-LLM bundle (fastv, fitprune)")
+        return self._ragged.stats()
+
     def decode(self, token: int, position: int) -> np.ndarray:
         embeds = self.runners["embed"].infer({"input_ids": np.asarray([[token]], dtype=np.int64)})[0]
+        if self._ragged_active and self._ragged is not None:
+            return self._ragged.decode(embeds, position)
         return self._step(embeds, np.asarray([position], dtype=np.int64))
 
 

@@ -1,5 +1,7 @@
-"""Export: the exact top-K lowering (adversarial ties), the bundle layout and manifest, reuse, and every refusal
-(K > N, existing output, unsupported method/opset, ratio on NeXT) leaving no output directory behind."""
+"""Export: the exact top-K lowering (adversarial ties), the bundle layout and manifest (GridPrune's guidance and
+CLIP tokenizer, the fused-op prune graphs, the in-LLM prefill/decode graphs), reuse (never across CLIPs), and
+every refusal (K > N, existing output, unsupported method/opset, ratio on NeXT, budgets a method does not take)
+leaving no output directory behind."""
 
 from __future__ import annotations
 
@@ -11,32 +13,48 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edgeprune.errors import BudgetError
+from edgeprune.errors import BudgetError, MethodArgumentError
+from edgeprune.export import graphs as G
 from edgeprune.export.exporter import GraphJob, export_bundle, export_graph
 from edgeprune.export.manifest import FORMAT_VERSION, MANIFEST, ExportError, sha256_file
 from edgeprune.export.spec import GraphSpec, prune_spec
 from edgeprune.export.wrappers import PruneGraph, stable_topk_lowering, uniform_indices_lowering
 from edgeprune.methods import functional as F
+from edgeprune.methods.fitprune_recipe import Recipe, save_recipe
 from edgeprune.runtime.preprocess import ImageConfig
 
 K = 64
 QUIET = {"log": lambda msg: None}
 
 
-def bundle_dir(factory, loaded, method, tokens=None, reuse=None):
-    """Export once per test session (an atomic export leaves a directory only when it is complete)."""
+def bundle_dir(factory, loaded, method, tokens=None, reuse=None, method_args=None):
+    """Export once per test session (an atomic export leaves a directory only when it is complete); the names
+    match tests/runtime/test_ort_backend.py's, so both files share the bundles of a session."""
     root = factory.getbasetemp() / "bundles" / f"{loaded.name}-{method}-{tokens}"
     if not (root / MANIFEST).is_file():
-        export_bundle(loaded, method, tokens=tokens, out_dir=root, reuse_from=reuse, **QUIET)
+        export_bundle(loaded, method, tokens=tokens, out_dir=root, reuse_from=reuse, method_args=method_args, **QUIET)
     return root
+
+
+def recipe_path(factory):
+    """The FitPrune recipe of the session (same file and drops as tests/runtime/test_ort_backend.py)."""
+    path = factory.getbasetemp() / "tiny-recipe.json"
+    if not path.is_file():
+        save_recipe(Recipe(budget=0.5, n_visual=576, num_layers=4, drops=(100, 200, 0, 50)), path)
+    return path
 
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory, tiny_llava):
-    """cls-topk exported in full; none and uniform reuse its vision/embed/decoder graphs."""
+    """cls-topk exported in full; the others reuse its vision/embed/decoder graphs where the specs match."""
     cls = bundle_dir(tmp_path_factory, tiny_llava, "cls-topk", K)
+    fastv = bundle_dir(tmp_path_factory, tiny_llava, "fastv", K, reuse=cls)
     return {"cls-topk": cls, "none": bundle_dir(tmp_path_factory, tiny_llava, "none", reuse=cls),
-            "uniform": bundle_dir(tmp_path_factory, tiny_llava, "uniform", 100, reuse=cls)}
+            "uniform": bundle_dir(tmp_path_factory, tiny_llava, "uniform", 100, reuse=cls),
+            "gridprune": bundle_dir(tmp_path_factory, tiny_llava, "gridprune", K, reuse=cls),
+            "gprune": bundle_dir(tmp_path_factory, tiny_llava, "gprune", K, reuse=cls), "fastv": fastv,
+            "fitprune": bundle_dir(tmp_path_factory, tiny_llava, "fitprune", None, reuse=fastv,
+                                   method_args={"recipe": str(recipe_path(tmp_path_factory))})}
 
 
 def tie_cases(n, rng):
@@ -94,7 +112,8 @@ def test_manifest_describes_the_bundle(bundles, tiny_llava):
     assert m["format_version"] == FORMAT_VERSION and m["opset"] == 18
     assert m["method"] | {"params": None} == {"name": "cls-topk", "params": None, "positions": "compact",
                                                "placement": "pre_llm", "uses_budget": True, "k": K, "n": 576,
-                                               "n_max": 576, "lowering": "topk"}
+                                               "n_max": 576, "lowering": "topk", "guidance": None,
+                                               "fused_op": None, "in_llm": None}
     assert set(m["graphs"]) == {"vision", "prune", "embed", "decoder"}
     on_disk = sorted(p.name for p in root.iterdir() if p.name != MANIFEST)
     assert sorted(m["files"]) == on_disk and "tokenizer.json" in on_disk
@@ -124,6 +143,62 @@ def test_reuse_links_model_graphs_and_exports_the_prune_graph(bundles):
     assert uni["files"]["decoder.onnx.data"] == cls["files"]["decoder.onnx.data"]
 
 
+def _manifest(root):
+    return json.loads((root / MANIFEST).read_text())
+
+
+def test_gridprune_bundle_records_its_guidance(bundles):
+    """CLIP guidance: vision adds clip_embeds, the CLIP text tower is guidance.onnx, its tokenizer ships in a
+    hashed subdirectory; the prune graph is one file holding the ZonalTopK function."""
+    root = bundles["gridprune"]
+    m = _manifest(root)
+    assert list(m["graphs"]) == ["vision", "guidance", "prune", "embed", "decoder"]
+    assert m["method"]["guidance"] == "clip" and m["method"]["fused_op"] == "ZonalTopK"
+    g = m["guidance"]
+    assert (g["source"], g["clip"], g["context"]) == ("clip", "tiny-clip", 77)
+    assert g["tokenizer"] in m["files"] and (root / g["tokenizer"]).is_file()
+    vision = GraphSpec.from_dict(m["graphs"]["vision"]["spec"])
+    assert vision.output_names == ["features", "cls_attn", "clip_embeds"]
+    assert "reused_from" not in m["graphs"]["vision"] and "reused_from" in m["graphs"]["decoder"]
+    assert m["graphs"]["vision"]["clip_fingerprint"] == g["fingerprint"] == m["graphs"]["guidance"]["clip_fingerprint"]
+    prune = m["graphs"]["prune"]
+    assert prune["files"] == ["prune.onnx"] and prune["num_zones"] == 16
+    assert GraphSpec.from_dict(prune["spec"]).input_names == ["features", "cls_attn", "guidance", "clip_embeds"]
+    proto = onnx.load(str(root / "prune.onnx"))
+    assert [f.name for f in proto.functions] == ["ZonalTopK"]
+    assert {n.op_type for n in proto.graph.node if n.domain == "edgeprune"} == {"ZonalTopK"}
+
+
+def test_gprune_and_in_llm_bundles(bundles):
+    gp = _manifest(bundles["gprune"])
+    assert gp["method"]["fused_op"] == "GraphRank" and gp["graphs"]["prune"]["num_groups"] == 1
+    assert gp["method"]["guidance"] is None and gp["guidance"] is None
+    fastv, fit = _manifest(bundles["fastv"]), _manifest(bundles["fitprune"])
+    for m in (fastv, fit):
+        assert list(m["graphs"]) == ["vision", "embed", "prefill", "decoder"] and m["method"]["placement"] == "in_llm"
+        dec = GraphSpec.from_dict(m["graphs"]["decoder"]["spec"])
+        assert "attention_mask" not in dec.input_names and dec.symbols()[1:] == [f"past_{i}" for i in range(4)]
+        assert GraphSpec.from_dict(m["graphs"]["prefill"]["spec"]).output_names[-1] == "kept_positions"
+    assert fastv["method"]["in_llm"] == {"kind": "fastv", "layer": 2, "keep": K} and fastv["method"]["k"] == K
+    assert fit["method"]["in_llm"] == {"kind": "fitprune", "drops": [100, 200, 0, 50], "n_ref": 576}
+    assert fit["method"]["k"] is None and fit["graphs"]["prefill"]["in_llm"] == fit["method"]["in_llm"]
+    assert "reused_from" in fit["graphs"]["decoder"] and "reused_from" not in fit["graphs"]["prefill"]
+    assert fit["files"]["decoder.onnx.data"] == fastv["files"]["decoder.onnx.data"]
+
+
+def test_clip_graphs_are_reused_only_from_the_same_clip(bundles, tiny_llava, tmp_path):
+    from edgeprune.models.clip_guidance import build_tiny_clip
+
+    same = export_bundle(tiny_llava, "gridprune", tokens=32, out_dir=tmp_path / "same", reuse_from=bundles["gridprune"],
+                         **QUIET)
+    assert all("reused_from" in same["graphs"][g] for g in ("vision", "guidance", "embed", "decoder"))
+    other = export_bundle(tiny_llava, "gridprune", tokens=32, out_dir=tmp_path / "other",
+                          clip=build_tiny_clip(tiny_llava.config.vision_config, seed=99),
+                          reuse_from=bundles["gridprune"], **QUIET)
+    assert not any("reused_from" in other["graphs"][g] for g in ("vision", "guidance"))
+    assert other["guidance"]["fingerprint"] != same["guidance"]["fingerprint"]
+
+
 # ----------------------------------------------------------------------------------- refusals
 def _nothing_written(parent, name):
     return not (parent / name).exists() and not [p for p in parent.iterdir() if p.name.startswith(f".{name}.")]
@@ -137,11 +212,26 @@ def test_k_larger_than_n_writes_nothing(tiny_llava, tmp_path):
     assert _nothing_written(tmp_path, "b")
 
 
-@pytest.mark.parametrize("kwargs,match", [({"method": "gridprune", "tokens": 64}, "no ONNX lowering"),
+@pytest.mark.parametrize("kwargs,match", [({"method": "gprune", "tokens": 64}, "no ONNX lowering"),
                                           ({"method": "none", "opset": 17}, "opset"),
                                           ({"method": "none", "dtype": "bf16"}, "dtype")])
-def test_unsupported_requests_are_typed_errors(kwargs, match, tiny_llava, tmp_path):
+def test_unsupported_requests_are_typed_errors(kwargs, match, tiny_llava, tmp_path, monkeypatch):
+    monkeypatch.setattr(G, "LOWERED", tuple(m for m in G.LOWERED if m != "gprune"))  # a method without lowering
     with pytest.raises(ExportError, match=match):
+        export_bundle(tiny_llava, out_dir=tmp_path / "b", **kwargs, **QUIET)
+    assert _nothing_written(tmp_path, "b")
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"method": "fastv", "tokens": 64, "method_args": {"layer": "9"}}, MethodArgumentError, "exceeds"),
+    ({"method": "fitprune", "tokens": 64, "method_args": {"recipe": "r.json"}}, BudgetError, "recipe sets"),
+    ({"method": "none", "tokens": 64}, BudgetError, "keeps every token"),
+    ({"method": "gridprune"}, BudgetError, "--tokens K or --ratio")])
+def test_method_arguments_and_budgets_are_checked_before_writing(kwargs, error, match, tiny_llava, tmp_path):
+    if "recipe" in kwargs.get("method_args", {}):
+        save_recipe(Recipe(budget=0.5, n_visual=576, num_layers=4, drops=(1, 2, 3, 4)), tmp_path / "r.json")
+        kwargs["method_args"] = {"recipe": str(tmp_path / "r.json")}
+    with pytest.raises(error, match=match):
         export_bundle(tiny_llava, out_dir=tmp_path / "b", **kwargs, **QUIET)
     assert _nothing_written(tmp_path, "b")
 
@@ -168,6 +258,8 @@ def test_next_needs_tokens_and_a_data_dependent_method(tiny_llava_next, tmp_path
         export_bundle(tiny_llava_next, "cls-topk", ratio=0.1, out_dir=tmp_path / "b", **QUIET)
     with pytest.raises(ExportError, match="fixed N"):
         export_bundle(tiny_llava_next, "random", tokens=64, out_dir=tmp_path / "b", **QUIET)
+    with pytest.raises(BudgetError, match="--tokens K"):  # FastV's 50 % default needs a fixed N
+        export_bundle(tiny_llava_next, "fastv", out_dir=tmp_path / "b", **QUIET)
     assert _nothing_written(tmp_path, "b")
 
 

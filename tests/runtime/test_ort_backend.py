@@ -1,6 +1,8 @@
 """The ONNX Runtime backend against the torch reference: same kept indices, prefill and decode logits within an
-fp32 tolerance, same greedy tokens wherever the top-2 margin exceeds it; torch-free in a subprocess; refuses
-missing, edited and unknown-version bundles and flags that contradict the bundle (typed errors, CLI exit 2)."""
+fp32 tolerance, same greedy tokens wherever the top-2 margin exceeds it, for every exported method (GridPrune
+with CLIP and LLM guidance, G-Prune, and the in-LLM FastV / FitPrune with the same per-layer visual counts and
+ragged cache lengths); torch-free in a subprocess; refuses missing, edited and unknown-version bundles and flags
+that contradict the bundle (typed errors, CLI exit 2)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ import torch
 
 from edgeprune.api import build_pipeline
 from edgeprune.errors import BackendError
+from edgeprune.methods.base import Budget
+from edgeprune.methods.fitprune_recipe import Recipe, save_recipe
+from edgeprune.runtime.backend import InLLMRequest
 from edgeprune.export.exporter import export_bundle
 from edgeprune.export.manifest import MANIFEST
 from edgeprune.runtime.bundle import BundleError, open_bundle
@@ -31,14 +36,38 @@ NEW = 6
 # (observed ~1e-6 here); a real bug (mask, positions, splice, cache) moves logits by > 1e-2.
 TOL = 1e-4
 BUDGETS = {"none": None, "cls-topk": 64, "uniform": 100, "random": 50}
+# The methods with fused-op prune graphs or in-LLM decoders: name -> (method, K, method args).
+METHODS = {"gridprune": ("gridprune", 64, {}), "gridprune-llm": ("gridprune", 64, {"guidance": "llm"}),
+           "gprune": ("gprune", 64, {}), "fastv": ("fastv", 64, {}), "fitprune": ("fitprune", None, "recipe")}
+RECIPE_DROPS = (100, 200, 0, 50)  # a FitPrune recipe for the 4-layer tiny models (fitted at N = 576)
 
 
-def bundle_dir(factory, loaded, method, tokens=None, reuse=None):
-    """Export once per test session (an atomic export leaves a directory only when it is complete)."""
-    root = factory.getbasetemp() / "bundles" / f"{loaded.name}-{method}-{tokens}"
+def recipe_path(factory):
+    """A FitPrune recipe shared by the session's tests (the same file, so bundles are shared too)."""
+    path = factory.getbasetemp() / "tiny-recipe.json"
+    if not path.is_file():
+        save_recipe(Recipe(budget=0.5, n_visual=576, num_layers=4, drops=RECIPE_DROPS), path)
+    return path
+
+
+def bundle_dir(factory, loaded, method, tokens=None, reuse=None, method_args=None, tag=""):
+    """Export once per test session (an atomic export leaves a directory only when it is complete); the names
+    follow the other test files' (``{model}-{method}-{K}[-arg=value...]``) so a full run exports each once."""
+    root = factory.getbasetemp() / "bundles" / f"{loaded.name}-{method}-{tokens}{tag}"
     if not (root / MANIFEST).is_file():
-        export_bundle(loaded, method, tokens=tokens, out_dir=root, reuse_from=reuse, log=lambda msg: None)
+        export_bundle(loaded, method, tokens=tokens, out_dir=root, reuse_from=reuse, method_args=method_args,
+                      log=lambda msg: None)
     return root
+
+
+def method_bundle(factory, loaded, name, reuse):
+    """The bundle of ``METHODS[name]``; returns (root, method, K, method args as strings)."""
+    method, k, args = METHODS[name]
+    if args == "recipe":
+        args = {"recipe": str(recipe_path(factory))}
+    k = k if loaded.name == "tiny-llava" or k is None else 160
+    tag = "".join(f"-{a}={b}" for a, b in sorted(args.items()) if a != "recipe")
+    return bundle_dir(factory, loaded, method, k, reuse, args, tag), method, k, args
 
 
 @pytest.fixture(scope="module")
@@ -49,30 +78,45 @@ def bundles(tmp_path_factory, tiny_llava):
             "random": bundle_dir(tmp_path_factory, tiny_llava, "random", 50, reuse=cls)}
 
 
-def run_stages(backend, image, k, positions, force=None):
-    """Drive a backend's stages like the pipeline; greedy on its own logits unless ``force`` gives the tokens."""
+def run_stages(backend, image, k, positions, force=None, in_llm=None):
+    """Drive a backend's stages like the pipeline; greedy on its own logits unless ``force`` gives the tokens.
+
+    ``in_llm``: the Budget of an in-LLM method (every visual token is spliced, the prefill drops them)."""
     pix, size = preprocess(image, backend.image_config)
     before, after = split_prompt(backend.template, PROMPT)
     prefix, suffix = backend.codec.encode(before, True), backend.codec.encode(after, False)
+    stats = {}
     with torch.inference_mode():
         visual = backend.encode_image(pix, size)
-        kept = backend.select(visual, k or visual.n)
+        if in_llm is not None:
+            kept = np.arange(visual.n)
+        else:
+            guidance = backend.guidance(PROMPT) if backend.needs_guidance else None
+            kept = backend.select(visual, k or visual.n, guidance)
         embeds, kept_pos = backend.splice(prefix, visual, kept, suffix)
         pos = position_ids(len(prefix), visual.total, len(suffix), kept_pos, positions)
-        logits, tokens = [backend.prefill(embeds, pos)], []
+        request = None if in_llm is None else InLLMRequest(in_llm, len(prefix))
+        logits, tokens = [backend.prefill(embeds, pos, request)], []
+        if in_llm is not None:
+            stats = backend.in_llm_stats()
+            kept = stats["kept"]
         for step in range(NEW):
             tokens.append(int(np.argmax(logits[-1])) if force is None else force[step])
             if step + 1 < NEW:
                 logits.append(backend.decode(tokens[-1], int(pos[-1]) + 1 + step))
-    return {"kept": np.asarray(kept), "logits": logits, "tokens": tokens, "prompt": (prefix, suffix)}
+    return {"kept": np.asarray(kept), "logits": logits, "tokens": tokens, "prompt": (prefix, suffix), "stats": stats}
 
 
-def assert_parity(ort_backend, torch_backend, image, k, positions):
-    """Kept indices equal; every step's logits within TOL; equal greedy tokens where the margin exceeds it."""
-    got = run_stages(ort_backend, image, k, positions)
-    ref = run_stages(torch_backend, image, k, positions, force=got["tokens"])  # teacher-forced on ORT's tokens
+def assert_parity(ort_backend, torch_backend, image, k, positions, in_llm=None):
+    """Kept indices equal; every step's logits within TOL; equal greedy tokens where the margin exceeds it; for
+    in-LLM methods the same visual tokens per layer and the same per-layer cache lengths."""
+    got = run_stages(ort_backend, image, k, positions, in_llm=in_llm)
+    ref = run_stages(torch_backend, image, k, positions, force=got["tokens"], in_llm=in_llm)  # teacher-forced
     assert got["prompt"] == ref["prompt"]
     assert np.array_equal(got["kept"], ref["kept"])
+    if in_llm is not None:
+        for key in ("layer_tokens", "cache_lengths"):
+            assert got["stats"][key] == ref["stats"][key], key
     decided = 0
     for step, (lo, lt) in enumerate(zip(got["logits"], ref["logits"])):
         scale = max(1.0, float(np.abs(lt).max()))
@@ -91,6 +135,46 @@ def test_ort_matches_torch_reference(method, bundles, tiny_llava, rgb_image):
     assert_parity(be, ref, rgb_image, BUDGETS[method], be.bundle.method["positions"])
 
 
+def reuse_for(factory, loaded, name, base):
+    """The bundle whose model graphs a method bundle reuses: FitPrune takes FastV's ragged decoder."""
+    return method_bundle(factory, loaded, "fastv", base)[0] if name == "fitprune" else base
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_ort_matches_torch_for_fused_and_in_llm_methods(name, bundles, tmp_path_factory, tiny_llava, rgb_image):
+    """GridPrune (CLIP / LLM guidance) and G-Prune: same kept indices through the fused-op graphs; FastV and
+    FitPrune: same survivors, per-layer visual counts and ragged cache lengths, logits within TOL."""
+    root, method, k, args = method_bundle(tmp_path_factory, tiny_llava, name,
+                                          reuse_for(tmp_path_factory, tiny_llava, name, bundles["cls-topk"]))
+    be = OrtBackend(root)
+    ref = build_pipeline("", method, tokens=k, loaded=tiny_llava, method_args=args).backend
+    in_llm = Budget(tokens=k) if be.bundle.method["placement"] == "in_llm" else None
+    assert_parity(be, ref, rgb_image, k, be.bundle.method["positions"], in_llm)
+    assert be.needs_guidance == (method == "gridprune")
+    if name == "gridprune":  # the manifest records the guidance the bundle uses
+        assert be.bundle.method["guidance"] == "clip" and be.bundle.manifest["guidance"]["clip"] == "tiny-clip"
+        long_question = " ".join(["word"] * 200)  # > 77 CLIP tokens: chunked and averaged on the host
+        assert np.allclose(be.guidance(long_question), ref.guidance(long_question).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["fastv", "fitprune"])
+def test_in_llm_pipeline_tokens_and_layer_counts_equal_torch(name, bundles, tmp_path_factory, tiny_llava,
+                                                               rgb_image):
+    root, method, k, args = method_bundle(tmp_path_factory, tiny_llava, name,
+                                          reuse_for(tmp_path_factory, tiny_llava, name, bundles["cls-topk"]))
+    pipe = build_ort_pipeline(root)
+    ref = build_pipeline("", method, tokens=k, loaded=tiny_llava, method_args=args)
+    pipe.backend.eos_token_id = ref.backend.eos_token_id = None
+    got, want = pipe.run(rgb_image, PROMPT, max_new_tokens=NEW), ref.run(rgb_image, PROMPT, max_new_tokens=NEW)
+    assert got.tokens == want.tokens and got.kept.tolist() == want.kept.tolist()
+    for key in ("layer_tokens", "cache_lengths", "visual_kept", "visual_to_llm", "prompt_tokens"):
+        assert got.profile.counters[key] == want.profile.counters[key], key
+    lengths = got.profile.counters["cache_lengths"]
+    assert len(set(lengths)) > 1  # the cache is ragged
+    if name == "fitprune":
+        assert got.profile.counters["layer_tokens"][1] == 576 - RECIPE_DROPS[0]
+
+
 def test_pipeline_tokens_and_kept_equal_torch(bundles, tiny_llava, rgb_image):
     pipe = build_ort_pipeline(bundles["cls-topk"])
     ref = build_pipeline("", "cls-topk", tokens=64, loaded=tiny_llava)
@@ -102,9 +186,13 @@ def test_pipeline_tokens_and_kept_equal_torch(bundles, tiny_llava, rgb_image):
     assert again.tokens == got.tokens
 
 
-def test_runtime_path_imports_neither_torch_nor_transformers(bundles, tiny_llava, rgb_image):
+@pytest.mark.parametrize("name", ["cls-topk", "gridprune", "fitprune"])
+def test_runtime_path_imports_neither_torch_nor_transformers(name, bundles, tmp_path_factory, tiny_llava):
+    """The guidance stage (CLIP tokenizer + text graph) and the ragged in-LLM cache need no torch either."""
+    root, method, k, args = (bundles["cls-topk"], "cls-topk", 64, {}) if name == "cls-topk" else method_bundle(
+        tmp_path_factory, tiny_llava, name, reuse_for(tmp_path_factory, tiny_llava, name, bundles["cls-topk"]))
     code = ("import json, sys\nfrom edgeprune.cli import main\n"
-            f"rc = main(['run', '--bundle', {str(bundles['cls-topk'])!r}, '--max-new-tokens', '4', '--json', "
+            f"rc = main(['run', '--bundle', {str(root)!r}, '--max-new-tokens', '4', '--json', "
             f"'--prompt', {PROMPT!r}])\n"
             "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
             "print('heavy modules:', heavy, file=sys.stderr)\nsys.exit(rc or (3 if heavy else 0))\n")
@@ -112,7 +200,8 @@ def test_runtime_path_imports_neither_torch_nor_transformers(bundles, tiny_llava
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
-    want = build_pipeline("", "cls-topk", tokens=64, loaded=tiny_llava).run(default_image(), PROMPT, max_new_tokens=4)
+    want = build_pipeline("", method, tokens=k, loaded=tiny_llava, method_args=args).run(default_image(), PROMPT,
+                                                                                         max_new_tokens=4)
     assert res["kept"] == want.kept.tolist() and res["tokens"] == want.tokens
 
 
@@ -202,7 +291,7 @@ def test_cli_run_bundle_happy_path_and_missing_bundle(bundles, capsys, tmp_path)
         assert "onnxruntime-gpu" in capsys.readouterr().err
 
 
-# ----------------------------------------------------------------------------------- LLaVA-NeXT (~20 s: -m "not slow")
+# ----------------------------------------------------------------------------------- LLaVA-NeXT (~90 s: -m "not slow")
 @pytest.mark.slow
 @pytest.mark.parametrize("method,k", [("cls-topk", 160), ("uniform", 200)])
 def test_next_ort_matches_torch_reference(method, k, tmp_path_factory, tiny_llava_next, rgb_image):
@@ -212,3 +301,24 @@ def test_next_ort_matches_torch_reference(method, k, tmp_path_factory, tiny_llav
     assert be.bundle.method["n"] is None and be.bundle.manifest["vision"]["newline_file"]
     ref = build_pipeline("", method, tokens=k, loaded=tiny_llava_next).backend
     assert_parity(be, ref, rgb_image, k, be.bundle.method["positions"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gridprune", "gprune", "fastv", "fitprune"])
+def test_next_fused_and_in_llm_methods_match_torch(name, tmp_path_factory, tiny_llava_next, rgb_image):
+    """Image-dependent N: zone / group ids from the host layout, K split over the groups in the graph, FastV's
+    N - K and FitPrune's rescaled drops as shape arithmetic, newline tokens never dropped."""
+    cls = bundle_dir(tmp_path_factory, tiny_llava_next, "cls-topk", 160)
+    root, method, k, args = method_bundle(tmp_path_factory, tiny_llava_next, name,
+                                          reuse_for(tmp_path_factory, tiny_llava_next, name, cls))
+    be = OrtBackend(root)
+    ref = build_pipeline("", method, tokens=k, loaded=tiny_llava_next, method_args=args).backend
+    in_llm = Budget(tokens=k) if be.bundle.method["placement"] == "in_llm" else None
+    assert_parity(be, ref, rgb_image, k, be.bundle.method["positions"], in_llm)
+    for size in ((500, 260), (336, 900)):  # other N: the graphs are not specialised to one layout
+        image = rgb_image.resize(size[::-1])
+        got = run_stages(be, image, k, "original", in_llm=in_llm)
+        want = run_stages(ref, image, k, "original", in_llm=in_llm)
+        assert np.array_equal(got["kept"], want["kept"]), size
+        for key in ("layer_tokens", "cache_lengths"):
+            assert got["stats"].get(key) == want["stats"].get(key), (size, key)
