@@ -21,6 +21,8 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     "tensorrt": ("trt", "pip install -e '.[trt]' (on Jetson use the JetPack tensorrt bindings)"),
     "triton": ("kernels", "pip install -e '.[kernels]'"),
     "matplotlib": ("viz", "pip install -e '.[viz]'"),
+    "polygraphy": ("eval", "pip install -e '.[eval]'"),
+    "tensorrt_rtx_bindings": ("", "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings"),
 }
 
 

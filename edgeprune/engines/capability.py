@@ -1,0 +1,210 @@
+"""Which TensorRT is importable here and what it can do: flavour, version, plugin API, native TopK limits.
+
+Two flavours share the TensorRT 10.x builder API (``Builder``, ``OnnxParser``, ``IBuilderConfig``,
+``IOptimizationProfile``, ``build_serialized_network``):
+
+- ``tensorrt``: full TensorRT (x86/SBSA wheels, JetPack apt). Needs a GPU to build; has the plugin API
+  (``INetworkDefinition.add_plugin_v3``) and, from 10.6, Python-defined plugins (``tensorrt.plugin``), with
+  ahead-of-time (PTX) implementations from 10.9 (DEPLOYMENT.md §1).
+- ``tensorrt-rtx``: TensorRT for RTX (PyPI ``tensorrt-rtx-cu13-libs`` + ``-bindings``, module
+  ``tensorrt_rtx_bindings``). Parses ONNX and builds engines on a CPU-only machine (ahead-of-time for
+  sm_80/86/89/120 by default), so it is the build smoke test here. Its network definition has no plugin API:
+  ``edgeprune``-domain nodes are built from their ONNX local-function bodies (standard ops), which its parser
+  inlines. Deserialising an engine needs a CUDA driver.
+
+House rule 7: a path is never chosen silently; :func:`prune_path` says why it picked plugin or standard ops.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from ..errors import MissingDependencyError
+
+log = logging.getLogger(__name__)
+
+# Native ITopKLayer limit ([TRT] python/docstrings/infer/pyGraphDoc.h): K <= 3840. LLaVA-1.5 (N = 576) and
+# LLaVA-NeXT (N <= ~2.9k) fit, so a standard-op TopK + Gather lowering builds everywhere.
+NATIVE_TOPK_MAX_K = 3840
+# Python AOT plugins (PTX inside the plan, no Python at run time) entered the bindings in 10.9.
+AOT_PLUGIN_MIN_VERSION = (10, 9)
+
+# flavour name -> (module, pip hint)
+FLAVOURS: dict[str, tuple[str, str]] = {
+    "tensorrt": ("tensorrt", "pip install -e '.[trt]' (on Jetson use the JetPack tensorrt bindings)"),
+    "tensorrt-rtx": ("tensorrt_rtx_bindings", "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings"),
+}
+
+
+@dataclass(frozen=True)
+class TrtFlavour:
+    """An importable TensorRT and its capabilities.
+
+    Attributes:
+        name: ``tensorrt`` or ``tensorrt-rtx`` (a key of :data:`FLAVOURS`).
+        module: the imported bindings module (``trt`` in NVIDIA's samples).
+        version: ``module.__version__``.
+        plugin_api: the network definition can add plugin layers (``add_plugin_v3``).
+        python_plugins: ``tensorrt.plugin`` (Python-defined plugins) is importable.
+        aot_plugins: Python plugins can ship PTX inside the plan (TensorRT >= 10.9).
+        notes: why each capability is present or absent (for logs and ``--json`` reports).
+    """
+
+    name: str
+    module: ModuleType = field(repr=False)
+    version: str
+    plugin_api: bool
+    python_plugins: bool
+    aot_plugins: bool
+    notes: tuple[str, ...] = ()
+
+    @property
+    def version_tuple(self) -> tuple[int, ...]:
+        return _version_tuple(self.version)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "plugin_api": self.plugin_api,
+                "python_plugins": self.python_plugins, "aot_plugins": self.aot_plugins, "notes": list(self.notes)}
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    out = []
+    for part in version.split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+def _import(name: str) -> ModuleType | None:
+    module_name = FLAVOURS[name][0]
+    try:
+        return importlib.import_module(module_name)
+    except ImportError:
+        return None
+    except OSError as exc:  # the bindings import, but their shared libraries do not load (broken install)
+        log.warning("%s is installed but cannot be loaded: %s", module_name, exc)
+        return None
+
+
+def _describe(name: str, trt: ModuleType) -> TrtFlavour:
+    version = str(getattr(trt, "__version__", "0"))
+    notes = []
+    plugin_api = hasattr(getattr(trt, "INetworkDefinition", None), "add_plugin_v3")
+    notes.append("network plugin API: " + ("add_plugin_v3" if plugin_api else
+                                           "none (plugin nodes build from their ONNX local-function bodies)"))
+    python_plugins = False
+    if name == "tensorrt":
+        try:
+            importlib.import_module("tensorrt.plugin")
+            python_plugins = True
+        except ImportError as exc:
+            notes.append(f"tensorrt.plugin unavailable ({exc})")
+    aot = python_plugins and _version_tuple(version) >= AOT_PLUGIN_MIN_VERSION
+    if python_plugins and not aot:
+        notes.append(f"TensorRT {version} < 10.9: Python plugins are JIT only (no PTX inside the plan)")
+    return TrtFlavour(name=name, module=trt, version=version, plugin_api=plugin_api, python_plugins=python_plugins,
+                      aot_plugins=aot, notes=tuple(notes))
+
+
+def available_flavours() -> list[str]:
+    """The TensorRT flavours importable here, full TensorRT first (it is the deployment target)."""
+    return [name for name in FLAVOURS if _import(name) is not None]
+
+
+def detect(name: str | None = None) -> TrtFlavour:
+    """Import a TensorRT flavour and describe it.
+
+    Args:
+        name: ``tensorrt``, ``tensorrt-rtx``, or None for the first importable one (full TensorRT first).
+    Returns:
+        The :class:`TrtFlavour`.
+    Raises:
+        MissingDependencyError: the flavour (or, with None, any flavour) is not installed; says what to install.
+        ValueError: an unknown flavour name (a programming error: the CLI validates choices).
+    """
+    if name is not None and name not in FLAVOURS:
+        raise ValueError(f"unknown TensorRT flavour {name!r}; known: {', '.join(FLAVOURS)}")
+    for candidate in [name] if name else list(FLAVOURS):
+        trt = _import(candidate)
+        if trt is not None:
+            flavour = _describe(candidate, trt)
+            log.info("TensorRT flavour %s %s (%s)", flavour.name, flavour.version, "; ".join(flavour.notes))
+            return flavour
+    wanted = [name] if name else list(FLAVOURS)
+    hints = "; or ".join(f"{FLAVOURS[w][0]}: {FLAVOURS[w][1]}" for w in wanted)
+    raise MissingDependencyError(f"{' / '.join(FLAVOURS[w][0] for w in wanted)} is not installed; install {hints}")
+
+
+@dataclass(frozen=True)
+class PrunePath:
+    """The lowering a pruning op gets in an engine, and why (house rule 7)."""
+
+    path: str  # "plugin" or "standard-ops"
+    reason: str
+
+
+def prune_path(flavour: TrtFlavour, k: int, plugin_op: str | None = None) -> PrunePath:
+    """Decide plugin vs standard ops for a pruning op with static budget ``k``.
+
+    Args:
+        flavour: the TensorRT in use.
+        k: the static K of the op's top-K.
+        plugin_op: the fused op's plugin name (``ZonalTopK``, ``GraphRank``), None for methods without one.
+    Returns:
+        The chosen :class:`PrunePath`.
+    Raises:
+        ValueError: K > 3840 and no plugin can take over (the engine could not be built).
+    """
+    topk_ok = k <= NATIVE_TOPK_MAX_K
+    if plugin_op and flavour.aot_plugins:
+        return PrunePath("plugin", f"{plugin_op}: TensorRT {flavour.version} runs Python AOT plugins (PTX in plan)")
+    if topk_ok:
+        why = (f"{plugin_op}: " if plugin_op else "") + (
+            f"no AOT plugin support in {flavour.name} {flavour.version}" if plugin_op else "no fused plugin op")
+        return PrunePath("standard-ops", f"{why}; native TopK handles K = {k} <= {NATIVE_TOPK_MAX_K}")
+    raise ValueError(f"K = {k} exceeds the native TopK limit ({NATIVE_TOPK_MAX_K}) and {flavour.name} "
+                     f"{flavour.version} cannot run the {plugin_op or 'top-K'} plugin; use K <= {NATIVE_TOPK_MAX_K}")
+
+
+def onnx_topk_ks(onnx_path: str) -> list[tuple[str, int | None]]:
+    """The K of every ``TopK`` node of an ONNX graph (and of its local functions), None where K is computed.
+
+    Reads the graph without its external weights; a K stored in the ``.data`` sidecar is loaded on its own.
+
+    Args:
+        onnx_path: the ``.onnx`` file.
+    Returns:
+        [(node name, K or None)] in graph order.
+    """
+    from pathlib import Path
+
+    from .._deps import require
+
+    onnx = require("onnx")
+    from onnx import numpy_helper
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    consts: dict[str, Any] = {t.name: t for t in proto.graph.initializer}
+    nodes = list(proto.graph.node) + [n for f in proto.functions for n in f.node]
+    for node in nodes:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    consts[node.output[0]] = attr.t
+    out: list[tuple[str, int | None]] = []
+    for node in nodes:
+        if node.op_type != "TopK" or len(node.input) < 2:
+            continue
+        tensor = consts.get(node.input[1])
+        k = None
+        if tensor is not None:
+            if uses_external_data(tensor):
+                load_external_data_for_tensor(tensor, str(Path(onnx_path).parent))
+            k = int(numpy_helper.to_array(tensor).reshape(-1)[0])
+        out.append((node.name, k))
+    return out
