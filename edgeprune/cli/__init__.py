@@ -12,9 +12,9 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import EdgepruneError
-from . import demo, export, fit_recipe, methods, models, run, viz
+from . import bench, compare, demo, export, fit_recipe, methods, models, run, viz
 
-COMMANDS = (run, demo, export, methods, models, viz, fit_recipe)
+COMMANDS = (run, demo, export, methods, models, viz, fit_recipe, compare, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
