@@ -65,7 +65,10 @@ def clip_features_and_cls_attn(vision_tower: Any, projector: Any, pixel_values: 
     """Projected patch features of CLIP layer ``feature_layer`` and the [CLS]->patch attention of that layer.
 
     The attention row is recomputed from that layer's q/k (softmax(q_cls kᵀ · scale), mean over heads) so the
-    vision tower can keep its fused attention (METHODS.md decision 8).
+    vision tower can keep its fused attention (METHODS.md decision 8). The tower runs only up to the feature
+    layer (its public submodules in order: embeddings, pre-LayerNorm, encoder layers): LLaVA never reads the
+    layers after it, which HF's own ``get_image_features`` still computes (one of 24 layers for CLIP-L, a
+    quarter of a 4-layer tiny tower).
 
     Args:
         vision_tower: a ``CLIPVisionModel``.
@@ -76,21 +79,32 @@ def clip_features_and_cls_attn(vision_tower: Any, projector: Any, pixel_values: 
         (features [V, P, D] projected, cls_attn [V, P] float32, hidden [V, P, Dv] the layer's patch states
         before the projector), P = patches per view ([CLS] dropped).
     """
-    out = vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-    hidden = out.hidden_states  # L + 1 entries; hidden[j] (j < 0) is the output of encoder layer j
-    patches = hidden[feature_layer][:, 1:]
-    feats = projector(patches)
     # transformers 5.x flattened CLIPVisionModel; 4.x nests it under .vision_model
-    encoder = getattr(vision_tower, "vision_model", vision_tower).encoder
-    layer = encoder.layers[feature_layer]
+    tower = getattr(vision_tower, "vision_model", vision_tower)
+    layers = tower.encoder.layers
+    stop = len(layers) + feature_layer + 1 if feature_layer < 0 else feature_layer  # layers to run
+    if not 1 <= stop <= len(layers):
+        raise ValueError(f"vision_feature_layer {feature_layer} is outside the tower's {len(layers)} layers")
+    state = tower.pre_layrnorm(tower.embeddings(pixel_values))
+    for layer in layers[: stop - 1]:
+        state = _layer_out(layer(state, None))
+    layer = layers[stop - 1]  # the feature layer: its input gives the [CLS] attention row
+    before = state
+    patches = _layer_out(layer(state, None))[:, 1:]
+    feats = projector(patches)
     attn = layer.self_attn
-    h = layer.layer_norm1(hidden[feature_layer - 1])
+    h = layer.layer_norm1(before)
     v, t, _ = h.shape
     q = attn.q_proj(h[:, :1]).view(v, 1, attn.num_heads, attn.head_dim).transpose(1, 2).float()
     k = attn.k_proj(h).view(v, t, attn.num_heads, attn.head_dim).transpose(1, 2).float()
     probs = torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1)  # [V, H, 1, T]
     cls_attn = probs.mean(dim=1)[:, 0, 1:]
     return feats, cls_attn, patches
+
+
+def _layer_out(out: Any) -> torch.Tensor:
+    """A CLIP encoder layer returns a tensor (transformers 5.x) or a tuple whose first entry it is (4.x)."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 class ModelFamily:
