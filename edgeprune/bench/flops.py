@@ -368,7 +368,8 @@ def request_flops(d: ModelDims, m: MethodCost, s: RequestShape, weight_bytes: in
     """Every stage of one request.
 
     Returns:
-        ``vision`` (up to the feature layer), ``vision_executed`` (all tower layers), ``projector``,
+        ``vision`` (up to the feature layer: what edgeprune runs), ``vision_executed`` (all tower layers: what
+        HF's ``get_image_features`` runs, for comparison), ``projector``,
         ``guidance``, ``prune``, ``prefill``, ``ttft`` (the sum of the previous five, vision up to the feature
         layer), ``decode_first_step``, ``decode_total`` (``new_tokens - 1`` steps), ``decode_bytes_first_step``,
         ``layer_visual_tokens`` ([L]) and ``cache_lengths`` ([L] after prefill), FLOPs and bytes as floats.
