@@ -45,6 +45,19 @@ def require(module: str) -> ModuleType:
         raise MissingDependencyError(f"{module} is not installed{what}; install it with: {hint}") from exc
 
 
+def package_versions(names: tuple[str, ...] | list[str]) -> dict[str, str | None]:
+    """Installed distribution versions of ``names`` (None for one that is not installed); imports nothing."""
+    import importlib.metadata
+
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def available(module: str) -> bool:
     """Return True when ``module`` can be imported (used for capability checks and test skips)."""
     try:

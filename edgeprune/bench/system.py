@@ -8,7 +8,6 @@ import time; torch is only touched when the caller already uses it.
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import platform
 import resource
@@ -86,13 +85,9 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
 
 def versions() -> dict[str, str | None]:
     """Installed versions of the libraries that decide the numbers (None when absent)."""
-    out: dict[str, str | None] = {}
-    for name in _LIBRARIES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    from .._deps import package_versions
+
+    return package_versions(_LIBRARIES)
 
 
 def rss_bytes() -> int | None:

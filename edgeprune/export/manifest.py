@@ -21,7 +21,6 @@ It imports no torch, so the runtime can import it.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import os
 from pathlib import Path
@@ -68,13 +67,9 @@ def file_hashes(root: str | os.PathLike[str]) -> dict[str, str]:
 
 def library_versions() -> dict[str, str | None]:
     """Installed versions of the libraries that shape the graphs (None when one is not installed)."""
-    out: dict[str, str | None] = {}
-    for name in _LIBRARIES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    from .._deps import package_versions
+
+    return package_versions(_LIBRARIES)
 
 
 def write_manifest(root: str | os.PathLike[str], sections: Mapping[str, Any]) -> dict[str, Any]:
