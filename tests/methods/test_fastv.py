@@ -9,38 +9,16 @@ import pytest
 import torch
 
 from edgeprune.errors import BudgetError, MethodArgumentError
-from edgeprune.methods import Budget, TokenLayout, VisualTokens, build_method, inllm
+from edgeprune.methods import Budget, TokenLayout, VisualTokens, inllm
 from edgeprune.methods.fastv import FastV, FastVParams
 from edgeprune.methods.functional import stable_topk
 from edgeprune.runtime.pipeline import position_ids
-from edgeprune.runtime.preprocess import preprocess
-from edgeprune.runtime.prompt import split_prompt
-from edgeprune.runtime.torch_backend import TorchBackend
 
-PROMPT = "What does the sign say?"
-
-
-_CACHE: dict = {}
-
-
-def _inputs(loaded, image):
-    """(embeds [1,L,D], positions [L], visual_start, T, prunable [T] bool, N) of one unpruned request (cached)."""
-    key = id(loaded)
-    if key not in _CACHE:
-        be = TorchBackend(loaded, build_method("none"))
-        pix, size = preprocess(image, loaded.image_config)
-        visual = be.encode_image(pix, size)
-        before, after = split_prompt(loaded.template, PROMPT)
-        prefix, suffix = be.codec.encode(before, add_bos=True), be.codec.encode(after, add_bos=False)
-        embeds, kept_pos = be.splice(prefix, visual, np.arange(visual.n), suffix)
-        pos = position_ids(len(prefix), visual.total, len(suffix), kept_pos, "original")
-        prunable = torch.from_numpy(np.isin(np.arange(visual.total), visual.prunable_pos))
-        _CACHE[key] = (embeds.clone(), torch.from_numpy(pos), len(prefix), visual.total, prunable, visual.n)
-    return _CACHE[key]
+from _inllm_inputs import PROMPT, unpruned_inputs  # noqa: E402  (shared test helper)
 
 
 def _run(loaded, image, method, budget=Budget()):
-    embeds, pos, vs, t, prunable, n = _inputs(loaded, image)
+    embeds, pos, vs, t, prunable, n = unpruned_inputs(loaded, image)
     lm = loaded.family.language_model(loaded.model)
     plan = method.layer_plan(n, len(lm.layers), budget)
     return lm, inllm.prefill(lm, embeds, pos, vs, t, plan, prunable)
@@ -74,7 +52,7 @@ def test_keep_count_default_half_and_budget():
 @pytest.mark.parametrize("fixture", ["tiny_llava", "tiny_llava_next"])
 def test_nothing_to_drop_equals_unpruned(fixture, request, rgb_image):
     loaded = request.getfixturevalue(fixture)
-    embeds, pos, vs, t, prunable, n = _inputs(loaded, rgb_image)
+    embeds, pos, vs, t, prunable, n = unpruned_inputs(loaded, rgb_image)
     lm, state = _run(loaded, rgb_image, FastV(), Budget(tokens=n))
     ref = inllm.prefill(lm, embeds, pos, vs, t, None, prunable)
     assert torch.equal(state.last_hidden, ref.last_hidden)
@@ -83,7 +61,7 @@ def test_nothing_to_drop_equals_unpruned(fixture, request, rgb_image):
 
 @pytest.mark.parametrize("layer", [1, 2])
 def test_kept_tokens_are_top_last_token_attention_at_layer_k_minus_1(layer, tiny_llava, rgb_image):
-    embeds, pos, vs, t, _, n = _inputs(tiny_llava, rgb_image)
+    embeds, pos, vs, t, _, n = unpruned_inputs(tiny_llava, rgb_image)
     k = 64
     lm, state = _run(tiny_llava, rgb_image, FastV(FastVParams(layer=layer)), Budget(tokens=k))
     assert state.visual_counts == [576] * layer + [k] * (4 - layer)
@@ -105,7 +83,7 @@ def test_kept_tokens_are_top_last_token_attention_at_layer_k_minus_1(layer, tiny
 
 
 def test_next_newlines_are_kept_and_budget_counts_prunable_only(tiny_llava_next, rgb_image):
-    _, _, _, t, prunable, n = _inputs(tiny_llava_next, rgb_image)
+    _, _, _, t, prunable, n = unpruned_inputs(tiny_llava_next, rgb_image)
     lm, state = _run(tiny_llava_next, rgb_image, FastV(), Budget(ratio=0.1))
     k = Budget(ratio=0.1).resolve(n)
     newlines = t - n
@@ -117,7 +95,7 @@ def test_next_newlines_are_kept_and_budget_counts_prunable_only(tiny_llava_next,
 @pytest.mark.parametrize("fixture", ["tiny_llava", "tiny_llava_next"])
 def test_generation_runs_to_completion(fixture, request, rgb_image):
     loaded = request.getfixturevalue(fixture)
-    embeds, pos, *_ = _inputs(loaded, rgb_image)
+    embeds, pos, *_ = unpruned_inputs(loaded, rgb_image)
     lm, state = _run(loaded, rgb_image, FastV())
     head, embed = loaded.family.lm_head(loaded.model), loaded.family.embed_tokens(loaded.model)
     before = state.cache_lengths

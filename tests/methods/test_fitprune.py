@@ -13,35 +13,13 @@ import torch
 
 from edgeprune.cli import fit_recipe as cli
 from edgeprune.errors import BudgetError, EdgepruneError, ImageError, MethodArgumentError
-from edgeprune.methods import build_method, inllm
+from edgeprune.methods import inllm
 from edgeprune.methods import fitprune_fn as F
 from edgeprune.methods import fitprune_recipe as R
 from edgeprune.methods.fitprune import FitPrune, FitPruneParams
 from edgeprune.runtime.pipeline import position_ids
-from edgeprune.runtime.preprocess import preprocess
-from edgeprune.runtime.prompt import split_prompt
-from edgeprune.runtime.torch_backend import TorchBackend
 
-PROMPT = "What does the sign say?"
-
-
-_CACHE: dict = {}
-
-
-def _inputs(loaded, image):
-    """(embeds [1,L,D], positions [L], visual_start, T, prunable [T] bool, N) of one unpruned request (cached)."""
-    key = id(loaded)
-    if key not in _CACHE:
-        be = TorchBackend(loaded, build_method("none"))
-        pix, size = preprocess(image, loaded.image_config)
-        visual = be.encode_image(pix, size)
-        before, after = split_prompt(loaded.template, PROMPT)
-        prefix, suffix = be.codec.encode(before, add_bos=True), be.codec.encode(after, add_bos=False)
-        embeds, kept_pos = be.splice(prefix, visual, np.arange(visual.n), suffix)
-        pos = position_ids(len(prefix), visual.total, len(suffix), kept_pos, "original")
-        prunable = torch.from_numpy(np.isin(np.arange(visual.total), visual.prunable_pos))
-        _CACHE[key] = (embeds.clone(), torch.from_numpy(pos), len(prefix), visual.total, prunable, visual.n)
-    return _CACHE[key]
+from _inllm_inputs import PROMPT, unpruned_inputs  # noqa: E402  (shared test helper)
 
 
 def _recipe(drops, n=576, **kw):
@@ -49,7 +27,7 @@ def _recipe(drops, n=576, **kw):
 
 
 def _run(loaded, image, recipe):
-    embeds, pos, vs, t, prunable, n = _inputs(loaded, image)
+    embeds, pos, vs, t, prunable, n = unpruned_inputs(loaded, image)
     lm = loaded.family.language_model(loaded.model)
     return lm, inllm.prefill(lm, embeds, pos, vs, t, FitPrune(recipe=recipe).layer_plan(n, len(lm.layers)), prunable)
 
@@ -155,14 +133,14 @@ def test_class_attributes():
 @pytest.mark.parametrize("fixture", ["tiny_llava", "tiny_llava_next"])
 def test_zero_recipe_equals_unpruned(fixture, request, rgb_image):
     loaded = request.getfixturevalue(fixture)
-    embeds, pos, vs, t, prunable, _ = _inputs(loaded, rgb_image)
+    embeds, pos, vs, t, prunable, _ = unpruned_inputs(loaded, rgb_image)
     lm, state = _run(loaded, rgb_image, _recipe([0, 0, 0, 0]))
     assert torch.equal(state.last_hidden, inllm.prefill(lm, embeds, pos, vs, t, None, prunable).last_hidden)
     assert state.visual_counts == [t] * 4
 
 
 def test_drops_follow_recipe_and_match_eager_statistics(tiny_llava, rgb_image):
-    embeds, pos, vs, t, _, _ = _inputs(tiny_llava, rgb_image)
+    embeds, pos, vs, t, _, _ = unpruned_inputs(tiny_llava, rgb_image)
     lm, state = _run(tiny_llava, rgb_image, _recipe([10, 20, 0, 5]))
     assert state.visual_counts == [576, 566, 546, 546] and state.visual_kept.numel() == 541
     assert state.position_ids[0, vs:vs + 541].tolist() == (vs + state.visual_kept).tolist()
@@ -182,7 +160,7 @@ def test_drops_follow_recipe_and_match_eager_statistics(tiny_llava, rgb_image):
 
 
 def test_next_rescales_recipe_and_keeps_newlines(tiny_llava_next, rgb_image):
-    _, _, _, t, prunable, n = _inputs(tiny_llava_next, rgb_image)
+    _, _, _, t, prunable, n = unpruned_inputs(tiny_llava_next, rgb_image)
     recipe = _recipe([100, 0, 50, 0], n=576)  # fitted for 576 tokens, applied to N = 1344
     a, b = 100 * n // 576, 50 * n // 576
     assert n == 1344 and recipe.scaled_drops(n) == [a, 0, b, 0] == [233, 0, 116, 0]
@@ -194,7 +172,7 @@ def test_next_rescales_recipe_and_keeps_newlines(tiny_llava_next, rgb_image):
 @pytest.mark.parametrize("fixture", ["tiny_llava", "tiny_llava_next"])
 def test_generation_runs_to_completion(fixture, request, rgb_image):
     loaded = request.getfixturevalue(fixture)
-    _, pos, *_ = _inputs(loaded, rgb_image)
+    _, pos, *_ = unpruned_inputs(loaded, rgb_image)
     lm, state = _run(loaded, rgb_image, _recipe([200, 150, 100, 50]))
     head, embed = loaded.family.lm_head(loaded.model), loaded.family.embed_tokens(loaded.model)
     tokens, p, hidden = [], int(pos[-1]) + 1, state.last_hidden
@@ -257,7 +235,7 @@ def test_fit_recipe_jsonl_happy_path_and_force(fitted, tmp_path, rgb_image):
     (["--calib", "generated:x"], EdgepruneError, "positive"), (["--calib", "NOFILE.jsonl"], EdgepruneError, "not found"),
     (["--samples", "0"], EdgepruneError, "--samples"),
 ])
-def test_fit_recipe_bad_inputs(argv, err, match, tmp_path):
+def test_fit_recipe_badunpruned_inputs(argv, err, match, tmp_path):
     base = {"--budget": "0.5", "--calib": "generated:1", "--out": str(tmp_path / "out.json")}
     base.update(dict(zip(argv[::2], argv[1::2])))
     flat = [x for kv in base.items() for x in kv]
