@@ -30,7 +30,7 @@ from ..export.spec import DTYPES
 from .anyres import pack_layout
 from .backend import Backend
 from .bundle import Bundle, BundleError, GraphEntry, open_bundle
-from .ort_inllm import RaggedSession
+from .ort_inllm import RaggedSession, run_decoder_bound
 from .ort_methods import Guidance, prune_feeds
 from .preprocess import ImageConfig
 
@@ -312,23 +312,10 @@ class OrtBackend(Backend):
         if "attention_mask" not in dec.spec.input_names:  # an in-LLM bundle's decoder: see prefill()
             raise BackendError("this bundle's decoder runs after an in-LLM prefill only (method "
                                f"{self.bundle.method['name']}); the pipeline must pass the in-LLM request")
-        shapes = {k: v.shape for k, v in host.items()}
-        shapes |= {n: tuple(v.shape()) for n, v in zip(self._past_names, self._kv)}
-        dtypes = {k: v.dtype for k, v in host.items()} | {n: self._kv_dtype for n in self._past_names}
-        dec.spec.check_inputs(shapes, dtypes)
-        binding = dec.session.io_binding()
-        for name, arr in host.items():
-            binding.bind_cpu_input(name, arr)
-        for name, value in zip(self._past_names, self._kv):
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
-        for name in self._present_names:
-            binding.bind_output(name, self.device)
-        dec.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        self._kv = list(outputs[1:])
+        logits, self._kv = run_decoder_bound(dec, host, self._past_names, self._kv, self._kv_dtype,
+                                             self._present_names, self.device)
         self._seq_len += s
-        return outputs[0].numpy()[0].astype(np.float32)
+        return logits
 
     def prefill(self, embeds: np.ndarray, position_ids: np.ndarray, in_llm: Any = None) -> np.ndarray:
         """Start a fresh KV cache and run the prompt; with ``in_llm`` (FastV/FitPrune) through the prefill graph,

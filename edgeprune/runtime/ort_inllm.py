@@ -21,6 +21,38 @@ import numpy as np
 from ..errors import BackendError
 
 
+
+def run_decoder_bound(runner: Any, host: dict[str, np.ndarray], past_names: list[str], past: list[Any],
+                      past_dtype: Any, present_names: list[str], device: str) -> tuple[np.ndarray, list[Any]]:
+    """Run a decoder graph with IO binding: host inputs, the KV cache as OrtValues, logits back on the host and
+    the new cache left on ``device`` (so decode steps never copy the cache through Python).
+
+    Shared by the pre-LLM decoder (:class:`~edgeprune.runtime.ort_backend.OrtBackend`) and the ragged in-LLM one.
+
+    Args:
+        runner: the decoder's runner (``.spec`` GraphSpec, ``.session`` InferenceSession).
+        host: numpy inputs by name; past_names/past: the cache inputs and their OrtValues; past_dtype: their
+            numpy dtype (for the spec check); present_names: the cache outputs; device: where they stay.
+    Returns:
+        (last-token logits [V] float32, the presents as OrtValues in ``present_names`` order).
+    Raises:
+        BackendError: inputs that do not match the graph's spec.
+    """
+    shapes = {k: v.shape for k, v in host.items()} | {n: tuple(v.shape()) for n, v in zip(past_names, past)}
+    dtypes = {k: v.dtype for k, v in host.items()} | {n: past_dtype for n in past_names}
+    runner.spec.check_inputs(shapes, dtypes)
+    binding = runner.session.io_binding()
+    for name, arr in host.items():
+        binding.bind_cpu_input(name, arr)
+    for name, value in zip(past_names, past):
+        binding.bind_ortvalue_input(name, value)
+    binding.bind_output("logits", "cpu")
+    for name in present_names:
+        binding.bind_output(name, device)
+    runner.session.run_with_iobinding(binding)
+    outputs = binding.get_outputs()
+    return outputs[0].numpy()[0].astype(np.float32), list(outputs[1:])
+
 @dataclass
 class RaggedPrefill:
     """What the host keeps after an in-LLM prefill.
@@ -118,21 +150,9 @@ class RaggedSession:
         q = int(embeds.shape[1])
         host = {"inputs_embeds": np.ascontiguousarray(embeds, dtype=dec.spec.inputs[0].np_dtype),
                 "position_ids": np.arange(position, position + q, dtype=np.int64).reshape(1, q)}
-        shapes = {k: v.shape for k, v in host.items()} | {n: tuple(v.shape()) for n, v in zip(self.past_names, self.kv)}
-        dtypes = {k: v.dtype for k, v in host.items()} | {n: dec.spec.inputs[2].np_dtype for n in self.past_names}
-        dec.spec.check_inputs(shapes, dtypes)
-        binding = dec.session.io_binding()
-        for name, arr in host.items():
-            binding.bind_cpu_input(name, arr)
-        for name, value in zip(self.past_names, self.kv):
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
-        for name in dec.spec.output_names[1:]:
-            binding.bind_output(name, self.device)
-        dec.session.run_with_iobinding(binding)
-        out = binding.get_outputs()
-        self.kv = list(out[1:])
-        return out[0].numpy()[0].astype(np.float32)
+        logits, self.kv = run_decoder_bound(dec, host, self.past_names, self.kv, dec.spec.inputs[2].np_dtype,
+                                            dec.spec.output_names[1:], self.device)
+        return logits
 
     def stats(self) -> dict[str, Any]:
         """See :meth:`RaggedPrefill.stats`.
