@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..methods.base import TokenLayout, VisualTokens
+from ..runtime.anyres import assembly_order
 from ..runtime.preprocess import ImageConfig
 
 
@@ -49,15 +50,12 @@ class VisualSequence:
         Returns:
             (rows [K', D], positions [K'] int64 ascending), K' = K + number of always-kept tokens.
         """
-        kept_np = kept.detach().cpu().numpy().astype(np.int64)
         rows = self.tokens.features[0, kept.to(self.tokens.features.device)]
-        pos = self.prunable_pos[kept_np]
-        if self.extra_rows is None or self.extra_pos is None or len(self.extra_pos) == 0:
+        pos, order = assembly_order(self.prunable_pos, kept.detach().cpu().numpy(), self.extra_pos)
+        if order is None:
             return rows, pos
-        pos = np.concatenate([pos, self.extra_pos])
         rows = torch.cat([rows, self.extra_rows.to(rows.dtype)], dim=0)
-        order = np.argsort(pos, kind="stable")
-        return rows[torch.from_numpy(order).to(rows.device)], pos[order]
+        return rows[torch.from_numpy(order).to(rows.device)], pos
 
 
 def clip_features_and_cls_attn(vision_tower: Any, projector: Any, pixel_values: torch.Tensor,

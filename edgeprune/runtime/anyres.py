@@ -245,3 +245,25 @@ def pack_layout(
         with_newlines(np.ones_like(src)),
     )
     return _layout([base, high], grid_rows=len(grid_r), grid_cols=len(grid_c))
+
+
+def assembly_order(prunable_pos: np.ndarray, kept: np.ndarray,
+                   extra_pos: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Where the kept visual rows and the always-kept rows (NeXT newlines) go in the LLM sequence.
+
+    Shared by the torch and ONNX Runtime backends, which apply the order to their own row arrays.
+
+    Args:
+        prunable_pos: [N] position of each prunable token within the T visual tokens.
+        kept: [K] int64 ascending indices into the N prunable tokens.
+        extra_pos: [E] positions of the always-kept rows, or None.
+    Returns:
+        (positions [K + E] ascending, order [K + E] to apply to ``concat(kept rows, extra rows)``, or None when
+        there are no extra rows and the kept rows are already in order).
+    """
+    pos = prunable_pos[np.asarray(kept, dtype=np.int64)]
+    if extra_pos is None or len(extra_pos) == 0:
+        return pos, None
+    pos = np.concatenate([pos, extra_pos])
+    order = np.argsort(pos, kind="stable")
+    return pos[order], order

@@ -27,7 +27,7 @@ import numpy as np
 from .._deps import require
 from ..errors import BackendError
 from ..export.spec import DTYPES
-from .anyres import pack_layout
+from .anyres import assembly_order, pack_layout
 from .backend import Backend
 from .bundle import Bundle, BundleError, GraphEntry, open_bundle
 from .ort_inllm import RaggedSession, run_decoder_bound
@@ -166,13 +166,10 @@ class OrtVisual:
         kept = np.asarray(kept, dtype=np.int64)
         same = self.kept is not None and np.array_equal(kept, self.kept)
         rows = self.kept_rows if same else self.features[0, kept]
-        pos = self.prunable_pos[kept]
-        if self.extra_rows is None or self.extra_pos is None or len(self.extra_pos) == 0:
+        pos, order = assembly_order(self.prunable_pos, kept, self.extra_pos)
+        if order is None:
             return rows, pos
-        pos = np.concatenate([pos, self.extra_pos])
-        rows = np.concatenate([rows, self.extra_rows.astype(rows.dtype)], axis=0)
-        order = np.argsort(pos, kind="stable")
-        return rows[order], pos[order]
+        return np.concatenate([rows, self.extra_rows.astype(rows.dtype)], axis=0)[order], pos
 
 
 class OrtBackend(Backend):
