@@ -29,3 +29,15 @@ def unpruned_inputs(loaded, image):
         prunable = torch.from_numpy(np.isin(np.arange(visual.total), visual.prunable_pos))
         _CACHE[key] = (embeds.clone(), torch.from_numpy(pos), len(prefix), visual.total, prunable, visual.n)
     return _CACHE[key]
+
+
+def eager_attentions(loaded, lm, embeds, pos):
+    """Per-layer attention probabilities of the unpruned LLM (eager HF, ``output_attentions``): the reference."""
+    before = loaded.model.config._attn_implementation
+    loaded.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            return lm(inputs_embeds=embeds, position_ids=pos.unsqueeze(0), output_attentions=True,
+                      attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long)).attentions
+    finally:
+        loaded.model.set_attn_implementation(before)

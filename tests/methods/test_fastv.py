@@ -14,7 +14,7 @@ from edgeprune.methods.fastv import FastV, FastVParams
 from edgeprune.methods.functional import stable_topk
 from edgeprune.runtime.pipeline import position_ids
 
-from _inllm_inputs import PROMPT, unpruned_inputs  # noqa: E402  (shared test helper)
+from _inllm_inputs import eager_attentions, unpruned_inputs  # noqa: E402  (shared test helper)
 
 
 def _run(loaded, image, method, budget=Budget()):
@@ -66,15 +66,8 @@ def test_kept_tokens_are_top_last_token_attention_at_layer_k_minus_1(layer, tiny
     lm, state = _run(tiny_llava, rgb_image, FastV(FastVParams(layer=layer)), Budget(tokens=k))
     assert state.visual_counts == [576] * layer + [k] * (4 - layer)
     # reference: eager HF attention of the unpruned model (layers < K are unaffected by the pruning)
-    before = tiny_llava.model.config._attn_implementation
-    tiny_llava.model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = lm(inputs_embeds=embeds, position_ids=pos.unsqueeze(0), output_attentions=True,
-                     attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long))
-    finally:
-        tiny_llava.model.set_attn_implementation(before)
-    scores = out.attentions[layer - 1][0, :, -1, vs:vs + t].mean(0)
+    attentions = eager_attentions(tiny_llava, lm, embeds, pos)
+    scores = attentions[layer - 1][0, :, -1, vs:vs + t].mean(0)
     expected = stable_topk(scores.unsqueeze(0), k)[0]
     assert state.visual_kept.tolist() == expected.tolist()
     assert state.position_ids[0, vs:vs + k].tolist() == (vs + expected).tolist()  # original positions

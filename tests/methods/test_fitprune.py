@@ -19,7 +19,7 @@ from edgeprune.methods import fitprune_recipe as R
 from edgeprune.methods.fitprune import FitPrune, FitPruneParams
 from edgeprune.runtime.pipeline import position_ids
 
-from _inllm_inputs import PROMPT, unpruned_inputs  # noqa: E402  (shared test helper)
+from _inllm_inputs import eager_attentions, unpruned_inputs  # noqa: E402  (shared test helper)
 
 
 def _recipe(drops, n=576, **kw):
@@ -144,15 +144,8 @@ def test_drops_follow_recipe_and_match_eager_statistics(tiny_llava, rgb_image):
     lm, state = _run(tiny_llava, rgb_image, _recipe([10, 20, 0, 5]))
     assert state.visual_counts == [576, 566, 546, 546] and state.visual_kept.numel() == 541
     assert state.position_ids[0, vs:vs + 541].tolist() == (vs + state.visual_kept).tolist()
-    before = tiny_llava.model.config._attn_implementation
-    tiny_llava.model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = lm(inputs_embeds=embeds, position_ids=pos.unsqueeze(0), output_attentions=True,
-                     attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long))
-    finally:
-        tiny_llava.model.set_attn_implementation(before)
-    a = out.attentions[0][0].amax(0)  # layer 0 of the unpruned model is what the plan saw
+    attentions = eager_attentions(tiny_llava, lm, embeds, pos)
+    a = attentions[0][0].amax(0)  # layer 0 of the unpruned model is what the plan saw
     cross = a[vs + t:, vs:vs + t].mean(0)
     self_ = a[vs:vs + t, vs:vs + t].mean(0)
     expected = F.lowest_first(cross * self_)[:10]
