@@ -1,9 +1,8 @@
-"""Argument groups shared by subcommands, and the one place that reads environment variables (rule 12)."""
+"""Argument groups shared by subcommands."""
 
 from __future__ import annotations
 
 import argparse
-import os
 
 from ..errors import EdgepruneError
 
@@ -49,7 +48,3 @@ def check_positive(value: int, flag: str) -> None:
     if value <= 0:
         raise EdgepruneError(f"{flag} must be a positive integer; got {value}")
 
-
-def hub_offline() -> bool:
-    """True when the user asked for offline mode (``HF_HUB_OFFLINE=1``); recorded in profiles."""
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
