@@ -22,7 +22,7 @@ def build_pipeline(model: str | None, method: str | None = "none", *, tokens: in
                    ratio: float | None = None, method_args: Mapping[str, str] | None = None, backend: str = "torch",
                    random_weights: bool = False, dtype: str = "fp32", device: str = "cpu", loaded: Any = None,
                    clip: str | None = None, bundle: str | None = None, providers: Sequence[str] = ("cpu",),
-                   kernels: str = "torch") -> Any:
+                   kernels: str = "torch", ort_decoder: str = "auto") -> Any:
     """Create a :class:`~edgeprune.runtime.pipeline.Pipeline`.
 
     Args:
@@ -37,6 +37,8 @@ def build_pipeline(model: str | None, method: str | None = "none", *, tokens: in
         clip: CLIP checkpoint for text guidance (``--clip``); text-guided methods default to ``tiny-clip`` on the
             offline presets and to a random CLIP-L/336 with ``--random-weights``, else to ``guidance=llm``.
         bundle, providers: the exported bundle directory and ONNX Runtime providers (``ort`` backend).
+        ort_decoder: ``auto``, ``fused`` or ``portable``: which decoder file of the bundle ONNX Runtime runs
+            (:func:`~edgeprune.runtime.ort_backend.choose_graph_file`).
         kernels: ``torch`` (reference) or ``triton`` (fused ZonalTopK / GraphRank kernels; CUDA tensors, or the
             Triton interpreter on CPU).
     Raises:
@@ -51,7 +53,7 @@ def build_pipeline(model: str | None, method: str | None = "none", *, tokens: in
         from .runtime.ort_backend import build_ort_pipeline  # numpy + onnxruntime + tokenizers only
 
         return build_ort_pipeline(bundle, providers, method=method, tokens=tokens, ratio=ratio,
-                                  method_args=method_args)
+                                  method_args=method_args, decoder=ort_decoder)
     prune = build_method(method or "none", method_args)
     if kernels == "triton" and prune.use_kernels(kernels) == "triton":
         from ._deps import require as _require

@@ -123,6 +123,8 @@ def _row(c: Any, ctx: Context, dims: F.ModelDims) -> dict[str, Any]:
                memory={"peak_rss_mb": max(c.peak_rss) / mb if c.peak_rss else None,
                        "device_peak_mb": max(c.device_peak) / mb if c.device_peak else None},
                flops=F.request_flops(dims, cost, shape, WEIGHT_BYTES.get(ctx.dtype, 4)))
+    counters = c.profiles[0].counters
+    row["backend_info"] = {k: counters[k] for k in ("providers", "graph_files") if k in counters}
     row["samples"] = stats["samples"]
     return row
 

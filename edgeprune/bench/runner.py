@@ -39,6 +39,7 @@ class BenchOptions:
         methods: method names; method_args: method -> ``--method-arg`` strings.
         tokens / ratios: budgets (each method with a budget runs every one; ``none`` and FitPrune run once).
         backends: ``torch`` and/or ``ort``; providers: ONNX Runtime providers (short names).
+        ort_decoder: which decoder file the ORT bundles run (``auto``, ``fused``, ``portable``).
         env: environment variables recorded in the JSON (read by the CLI, house rule 12).
     """
 
@@ -62,6 +63,7 @@ class BenchOptions:
     threads: int | None = None
     schedule: str = "sequential"
     opset: int = 18
+    ort_decoder: str = "auto"
     statistic: str = "p50"
     env: Mapping[str, str] = field(default_factory=dict)
     command: str = ""
@@ -119,8 +121,12 @@ def check_options(o: BenchOptions) -> None:
     if "ort" in o.backends:
         from ..export.exporter import MAX_OPSET, MIN_OPSET
 
+        from ..export.ort_variant import ORT_DECODER_CHOICES
+
         if not MIN_OPSET <= o.opset <= MAX_OPSET:
             raise EdgepruneError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}; got {o.opset}")
+        if o.ort_decoder not in ORT_DECODER_CHOICES:
+            raise EdgepruneError(f"--ort-decoder must be one of {', '.join(ORT_DECODER_CHOICES)}; got {o.ort_decoder!r}")
     for k in o.tokens:
         Budget(tokens=k)
     for r in o.ratios:
@@ -261,7 +267,8 @@ def _build(c: Combo, loaded: Any, o: BenchOptions) -> Any:
     from ..api import build_pipeline
 
     if c.backend == "ort":
-        pipe = build_pipeline(None, None, backend="ort", bundle=c.bundle, providers=list(o.providers))
+        pipe = build_pipeline(None, None, backend="ort", bundle=c.bundle, providers=list(o.providers),
+                              ort_decoder=o.ort_decoder)
         if o.threads:
             _set_ort_threads(pipe.backend, o.threads)
     else:
@@ -311,7 +318,7 @@ def _set_ort_threads(backend: Any, threads: int) -> None:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.intra_op_num_threads = threads
-        runner.session = ort.InferenceSession(str(backend.bundle.graphs[name].path), sess_options=opts,
+        runner.session = ort.InferenceSession(str(runner.path), sess_options=opts,
                                               providers=runner.session.get_providers())
 
 

@@ -44,6 +44,20 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
 
 
+def add_ort_args(p: argparse.ArgumentParser, providers_default: str | None = "cpu",
+                 providers_help: str = "default: %(default)s") -> None:
+    """``--providers`` and ``--ort-decoder`` of the ort backend."""
+    from ..export.ort_variant import ORT_DECODER_CHOICES
+
+    g = p.add_argument_group("onnx runtime")
+    g.add_argument("--providers", default=providers_default, help="ONNX Runtime execution providers in priority "
+                   f"order, e.g. cuda,cpu ({providers_help})")
+    g.add_argument("--ort-decoder", default="auto", choices=ORT_DECODER_CHOICES,
+                   help="which decoder file to run: fused (decoder.ort.onnx: opset-23 fused Attention, fastest in "
+                        "ONNX Runtime), portable (decoder.onnx: opset 18, what TensorRT builds), or auto (fused on "
+                        "the CPU provider when the bundle has it, else portable; default)")
+
+
 def check_positive(value: int, flag: str) -> None:
     if value <= 0:
         raise EdgepruneError(f"{flag} must be a positive integer; got {value}")

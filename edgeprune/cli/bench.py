@@ -13,7 +13,7 @@ import shlex
 import sys
 
 from ..errors import EdgepruneError
-from ._common import add_model_args
+from ._common import add_model_args, add_ort_args
 
 # Environment variables that change the numbers; recorded in the JSON (read here only, house rule 12).
 _RECORDED_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "TRITON_INTERPRET", "HF_HUB_OFFLINE")
@@ -37,12 +37,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "method.key=value to one (e.g. fitprune.recipe=r.json)")
     g.add_argument("--backends", default="torch", help="comma-separated: torch, ort (ORT exports a bundle per "
                    "method and K into a temporary directory; default: %(default)s)")
-    g.add_argument("--providers", help="ONNX Runtime providers for --backends ort (default: cuda,cpu with "
-                   "--device cuda, else cpu)")
     g.add_argument("--opset", type=int, default=18, help="ONNX opset of the ORT bundles (18 TensorRT-portable, 23 "
                    "has fused Attention/RMSNorm; default: %(default)s)")
     g.add_argument("--clip", metavar="CLIP", help="CLIP checkpoint for gridprune's guidance=clip (as in run)")
     g.add_argument("--kernels", default="torch", choices=("torch", "triton"), help="pruning kernels (torch backend)")
+    add_ort_args(p, None, "default: cuda,cpu with --device cuda, else cpu")
     m = p.add_argument_group("measurement")
     m.add_argument("--warmup", type=int, default=3, help="unmeasured requests per combination (default: %(default)s)")
     m.add_argument("--repeat", type=int, default=10, help="measured requests per combination (default: %(default)s)")
@@ -110,7 +109,7 @@ def options_from_args(args: argparse.Namespace):
         random_weights=args.random_weights, dtype=args.dtype, device=args.device, clip=args.clip,
         kernels=args.kernels, warmup=args.warmup, repeat=args.repeat, prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens, image=args.image, threads=args.threads, schedule=args.schedule,
-        opset=args.opset, statistic=args.statistic,
+        opset=args.opset, statistic=args.statistic, ort_decoder=args.ort_decoder,
         env={k: os.environ[k] for k in _RECORDED_ENV if k in os.environ},
         command="edgeprune " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "edgeprune bench")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import check_positive
+from ._common import add_ort_args, check_positive
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,8 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", help="image file (default: the bundled example image)")
     p.add_argument("--prompt", default="What is in the image?", help="the question (default: %(default)r)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="greedy steps to compare (default: %(default)s)")
-    p.add_argument("--providers", default="cpu", help="ONNX Runtime execution providers for the ort backend, "
-                   "e.g. cuda,cpu (default: %(default)s)")
+    add_ort_args(p)
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.set_defaults(func=main)
 
@@ -43,7 +42,8 @@ def main(args: argparse.Namespace) -> int:
     image = load_image(args.image) if args.image else None
     report = compare_bundle(args.bundle, args.backends, image=image, prompt=args.prompt,
                             max_new_tokens=args.max_new_tokens,
-                            providers=[x for x in args.providers.split(",") if x.strip()])
+                            providers=[x for x in args.providers.split(",") if x.strip()],
+                            ort_decoder=args.ort_decoder)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import add_generation_args, add_method_args, add_model_args, check_positive
+from ._common import add_generation_args, add_method_args, add_model_args, add_ort_args, check_positive
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,8 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="runtime backend: torch (the PyTorch reference, default) or ort (ONNX Runtime over --bundle)")
     p.add_argument("--bundle", metavar="DIR", help="run an exported bundle (`edgeprune export`); model, method and "
                    "K come from its manifest (implies --backend ort)")
-    p.add_argument("--providers", default="cpu", help="ONNX Runtime execution providers in priority order, e.g. "
-                   "cuda,cpu (default: %(default)s)")
+    add_ort_args(p)
     # Sentinel defaults: with --bundle a flag the user actually typed must match the manifest, a default must not.
     p.set_defaults(method=_Default("none"), model=_Default("tiny-llava"))
     p.add_argument("--profile", action="store_true", help="print the per-stage timing table")
@@ -77,6 +76,7 @@ def _run_bundle(args: argparse.Namespace):
     image = load_image(args.image) if args.image else default_image()
     pipe = build_pipeline(None, None if isinstance(args.method, _Default) else args.method, tokens=args.tokens,
                           ratio=args.ratio, method_args=parse_method_args(args.method_arg), backend="ort",
-                          bundle=args.bundle, providers=[x for x in args.providers.split(",") if x.strip()])
+                          bundle=args.bundle, providers=[x for x in args.providers.split(",") if x.strip()],
+                          ort_decoder=args.ort_decoder)
     args.method = pipe.backend.bundle.method["name"]  # for the summary line
     return pipe.run(image, args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling)

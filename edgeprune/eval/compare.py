@@ -146,6 +146,7 @@ class CompareReport:
     comparator: str
     checks: list[Check] = field(default_factory=list)
     tokens: TokenCheck = field(default_factory=TokenCheck)
+    backend_info: dict[str, dict[str, Any]] = field(default_factory=dict)  # per backend: providers, graph files
 
     @property
     def passed(self) -> bool:
@@ -155,14 +156,17 @@ class CompareReport:
         return {"bundle": self.bundle, "backends": {"reference": self.reference, "candidate": self.candidate},
                 "model": self.model, "method": self.method, "k": self.k, "prompt": self.prompt,
                 "tolerance": self.tolerance.to_dict(), "comparator": self.comparator,
-                "checks": [c.to_dict() for c in self.checks], "tokens": self.tokens.to_dict(), "passed": self.passed}
+                "checks": [c.to_dict() for c in self.checks], "tokens": self.tokens.to_dict(),
+                "backend_info": self.backend_info, "passed": self.passed}
 
     def table(self) -> str:
         """A human-readable report: one line per check, then the tokens and the verdict."""
         head = (f"{self.candidate} vs {self.reference} (reference) on {self.model} / {self.method}"
                 f"{'' if self.k is None else f' K={self.k}'}; {self.tolerance.dtype} tol {self.tolerance.value:g} "
                 f"(cls_attn {self.tolerance.attention:g}); comparator: {self.comparator}")
-        lines = [head, f"{'stage':<10} {'output':<16} {'step':>4} {'shape':<16} {'max abs':>10} {'max rel':>10} "
+        lines = [head] + [f"{name}: " + ", ".join(f"{k} {v}" for k, v in info.items())
+                          for name, info in self.backend_info.items() if info]
+        lines += [f"{'stage':<10} {'output':<16} {'step':>4} {'shape':<16} {'max abs':>10} {'max rel':>10} "
                        f"{'bound':>10}  result"]
         for c in self.checks:
             num = (f"{c.max_abs:10.3g} {c.max_rel:10.3g} {c.atol:10.3g}" if c.kind == "close" and c.max_abs is not None
@@ -324,13 +328,13 @@ def torch_backend(bundle: Any) -> Any:
     return pipe.backend
 
 
-def make_backend(name: str, bundle: Any, providers: Sequence[str]) -> Any:
+def make_backend(name: str, bundle: Any, providers: Sequence[str], ort_decoder: str = "auto") -> Any:
     """Build backend ``name`` (``torch`` or ``ort``) for an opened bundle."""
     if name == "torch":
         return torch_backend(bundle)
     from ..runtime.ort_backend import OrtBackend
 
-    return OrtBackend(bundle, providers, verify=False)  # open_bundle verified the hashes moments ago
+    return OrtBackend(bundle, providers, decoder=ort_decoder)
 
 
 # ---------------------------------------------------------------------------------------------------- stages
@@ -410,7 +414,8 @@ def _llm_stages(ck: Checker, ref: Any, cand: Any, embeds: tuple[Any, Any], pos: 
 
 def compare_bundle(bundle: str | Path, backends: str | Sequence[str] = "torch,ort", *, image: Any = None,
                    prompt: str = "What is in the image?", max_new_tokens: int = 8,
-                   providers: Sequence[str] = ("cpu",), tolerance: Tolerance | None = None) -> CompareReport:
+                   providers: Sequence[str] = ("cpu",), tolerance: Tolerance | None = None,
+                   ort_decoder: str = "auto") -> CompareReport:
     """Run one request through two backends stage by stage and compare every stage (module docstring).
 
     Args:
@@ -420,6 +425,7 @@ def compare_bundle(bundle: str | Path, backends: str | Sequence[str] = "torch,or
         prompt: the question.
         max_new_tokens: greedy steps (prefill counts as the first); stops early at the candidate's EOS.
         providers: ONNX Runtime providers for an ``ort`` backend.
+        ort_decoder: which decoder file an ``ort`` backend runs (``auto``, ``fused``, ``portable``).
         tolerance: override the bundle dtype's :data:`TOLERANCES` entry.
     Returns:
         The :class:`CompareReport` (``passed`` tells whether every check is within tolerance).
@@ -443,11 +449,12 @@ def compare_bundle(bundle: str | Path, backends: str | Sequence[str] = "torch,or
     tol = tolerance or TOLERANCES.get(dtype)
     if tol is None:
         raise CompareError(f"no tolerances are defined for dtype {dtype!r}; known: {', '.join(TOLERANCES)}")
-    ref, cand = (make_backend(n, opened, providers) for n in names)
+    ref, cand = (make_backend(n, opened, providers, ort_decoder) for n in names)
     ck = Checker(tol, names)
     report = CompareReport(bundle=str(opened.root), reference=names[0], candidate=names[1], model=m["model"]["name"],
                            method=method["name"], k=method.get("k"), prompt=prompt, tolerance=tol,
-                           comparator=ck.comparator, checks=ck.checks)
+                           comparator=ck.comparator, checks=ck.checks,
+                           backend_info={names[0]: ref.info, names[1]: cand.info})
     pixels, size, prefix, suffix = _front(ck, ref, cand, image if image is not None else default_image(), prompt)
     in_llm = method.get("placement", "pre_llm") == "in_llm"
     cvis, rvis, kept = _visual_stages(ck, ref, cand, pixels, size, prompt, method.get("k"), in_llm)

@@ -45,6 +45,7 @@ from ..methods.base import Budget
 from ..methods.registry import build_method
 from . import graphs as G
 from .manifest import CLIP_TOKENIZER_DIR, MANIFEST, NEWLINE_FILE, TOKENIZER_FILE, ExportError, write_manifest
+from .ort_variant import VARIANT, VARIANT_OPSET, llm_attention, share_external_data, variant_file
 from .spec import GraphSpec
 
 DTYPES = {"fp32": "float32", "fp16": "float16"}
@@ -66,6 +67,8 @@ class GraphJob:
         build: ``build(opset) -> onnx.ModelProto`` for graphs written op by op (the fused-op prune graphs).
         mins / maxs: bounds of symbolic dimensions for ``torch.export``.
         meta: extra fields recorded in the graph's manifest entry.
+        llm: the HF decoder stack the traced graph runs: exported with eager attention below opset 23 and, with
+            ``ort_variant``, also at opset 23 as ``<name>.ort.onnx`` (see :mod:`~edgeprune.export.ort_variant`).
     """
 
     name: str
@@ -78,12 +81,13 @@ class GraphJob:
     maxs: dict[str, int] = field(default_factory=dict)
     build: Callable[[int], Any] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    llm: Any = None
 
 
 def export_bundle(model: Any, method: str = "none", *, out_dir: str | os.PathLike[str], tokens: int | None = None,
                   ratio: float | None = None, method_args: Mapping[str, str] | None = None, opset: int = 18,
                   dtype: str = "fp32", force: bool = False, reuse_from: str | os.PathLike[str] | None = None,
-                  random_weights: bool = False, clip: Any = None,
+                  random_weights: bool = False, clip: Any = None, ort_variant: bool = True,
                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Export ``model`` with ``method`` into the bundle directory ``out_dir``.
 
@@ -103,6 +107,9 @@ def export_bundle(model: Any, method: str = "none", *, out_dir: str | os.PathLik
             :class:`~edgeprune.models.clip_guidance.ClipGuidance`); default as ``build_pipeline``: ``tiny-clip``
             for the offline presets, CLIP-L/336's towers with random weights for ``random_weights``, else
             ``guidance=llm``.
+        ort_variant: below opset 23, also write ``decoder.ort.onnx``, the decoder with ONNX Runtime's fused
+            Attention op (opset 23, sharing the weights of ``decoder.onnx``); see
+            :mod:`~edgeprune.export.ort_variant`.
         log: progress sink (default: stderr, through tqdm when installed).
     Returns:
         The manifest as written.
@@ -128,7 +135,7 @@ def export_bundle(model: Any, method: str = "none", *, out_dir: str | os.PathLik
         jobs = G.graph_jobs(loaded, plan, sdtype, prune, clip_fp)
         reused = _reuse(reuse_from, jobs, fingerprint, dtype, opset, tmp) if reuse_from else {}
         with _progress(len(jobs), log) as report:
-            entries = _export_all(jobs, reused, tmp, opset, sdtype, report)
+            entries = _export_all(jobs, reused, tmp, opset, sdtype, report, ort_variant)
         host = _write_host_files(loaded, tmp, plan, clip_fp)
         manifest = write_manifest(tmp, G.manifest_sections(loaded, prune, plan, entries, host, fingerprint,
                                                            dtype, opset))
@@ -217,7 +224,8 @@ def export_graph(job: GraphJob, path: Path, opset: int) -> None:
     try:
         # The dynamo exporter prints its own progress and warns about optional torchvision ops; keep the
         # user's terminal to one line per graph and show the capture only when something fails.
-        with contextlib.redirect_stdout(captured), warnings.catch_warnings(), torch.no_grad(), _quiet_exporter_logs():
+        with contextlib.redirect_stdout(captured), warnings.catch_warnings(), torch.no_grad(), \
+                _quiet_exporter_logs(), llm_attention(job.llm, opset):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 job.module.eval(), args, dynamo=True, opset_version=opset, input_names=job.spec.input_names,
@@ -317,7 +325,7 @@ def validate_graph(job: GraphJob, path: Path, tolerance: float) -> float:
 
 
 def _export_all(jobs: list[GraphJob], reused: dict[str, dict[str, Any]], tmp: Path, opset: int, sdtype: str,
-                log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+                log: Callable[[str], None], ort_variant: bool = True) -> dict[str, dict[str, Any]]:
     entries: dict[str, dict[str, Any]] = {}
     for i, job in enumerate(jobs, 1):
         if job.name in reused:
@@ -328,13 +336,31 @@ def _export_all(jobs: list[GraphJob], reused: dict[str, dict[str, Any]], tmp: Pa
         path = tmp / f"{job.name}.onnx"
         export_graph(job, path, opset)
         err = validate_graph(job, path, TOLERANCE[sdtype])
-        seconds = time.perf_counter() - start
         files = sorted(p.name for p in tmp.iterdir() if p.name.startswith(path.name))
-        entries[job.name] = {"file": path.name, "files": files, "spec": job.spec.to_dict(), "max_abs_err": err,
-                             "validated_on": [job.spec.check_feeds(c) for c in job.checks],
-                             "export_seconds": round(seconds, 2), **job.meta}
-        log(f"[{i}/{len(jobs)}] {job.name}: exported in {seconds:.1f} s, max |ORT - torch| = {err:.2e}")
+        entry = {"file": path.name, "files": files, "spec": job.spec.to_dict(), "max_abs_err": err,
+                 "validated_on": [job.spec.check_feeds(c) for c in job.checks], **job.meta}
+        note = ""
+        if ort_variant and job.llm is not None and opset < VARIANT_OPSET:
+            variant = _export_variant(job, tmp, sdtype)
+            entry["variants"] = {VARIANT: variant}
+            entry["files"] = sorted({*files, variant["file"], *variant["data_files"]})
+            note = f"; {variant['file']} (opset {VARIANT_OPSET}) {variant['max_abs_err']:.2e}"
+        entry["export_seconds"] = seconds = round(time.perf_counter() - start, 2)
+        entries[job.name] = entry
+        log(f"[{i}/{len(jobs)}] {job.name}: exported in {seconds:.1f} s, max |ORT - torch| = {err:.2e}{note}")
     return entries
+
+
+def _export_variant(job: GraphJob, tmp: Path, sdtype: str) -> dict[str, Any]:
+    """Export ``job`` again at opset 23 as ``<name>.ort.onnx``, validate it, point its weights at the portable
+    graph's sidecar; returns its manifest entry (``file``, ``opset``, ``data_files``: the sidecars it reads,
+    ``max_abs_err``)."""
+    path = tmp / variant_file(job.name)
+    export_graph(job, path, VARIANT_OPSET)
+    err = validate_graph(job, path, TOLERANCE[sdtype])
+    data_files = share_external_data(path, tmp / f"{job.name}.onnx")
+    return {"file": path.name, "opset": VARIANT_OPSET, "data_files": data_files, "max_abs_err": err,
+            "purpose": "ONNX Runtime: fused Attention/RotaryEmbedding/RMSNormalization (opset 23)"}
 
 
 def _reuse(source: str | os.PathLike[str], jobs: list[GraphJob], fingerprint: str, dtype: str, opset: int,

@@ -213,7 +213,8 @@ def _baseline_prune_job(plan: PrunePlan, sdtype: str, d: int, rng: Any) -> Any:
 
 
 def _decoder_job(loaded: Any, sdtype: str, dims: dict[str, int], ids: Any) -> Any:
-    """The pre-LLM methods' decoder: one graph for prefill and decode (flat KV cache, HF forward)."""
+    """The pre-LLM methods' decoder: one graph for prefill and decode (flat KV cache, HF forward); traced with
+    eager attention below opset 23, plus the fused-attention ``decoder.ort.onnx`` (:mod:`.ort_variant`)."""
     from .exporter import GraphJob
     from .wrappers import DecoderGraph
 
@@ -231,7 +232,8 @@ def _decoder_job(loaded: Any, sdtype: str, dims: dict[str, int], ids: Any) -> An
             "position_ids": np.broadcast_to(np.arange(past, past + s), (b, s)).copy()})
 
     return GraphJob("decoder", DecoderGraph(loaded), dspec, decoder_feeds(2, 5, 3, 0),
-                    [decoder_feeds(1, 6, 0, 1), decoder_feeds(1, 1, 6, 2)], var_inputs=2 * dims["num_layers"])
+                    [decoder_feeds(1, 6, 0, 1), decoder_feeds(1, 1, 6, 2)], var_inputs=2 * dims["num_layers"],
+                    llm=loaded.family.language_model(loaded.model))
 
 
 def manifest_sections(loaded: Any, method: PruningMethod, plan: PrunePlan, graphs: dict[str, Any],

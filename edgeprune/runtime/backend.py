@@ -53,6 +53,11 @@ class Backend:
     def synchronize(self) -> None:
         """Wait for queued device work (profiling); CPU backends do nothing."""
 
+    @property
+    def info(self) -> dict[str, Any]:
+        """Facts about the backend the profile's counters report (ORT: providers and graph files)."""
+        return {}
+
     def encode_image(self, pixel_values: np.ndarray, image_size: tuple[int, int]) -> Any:
         """Vision stage: return an opaque visual handle with attributes ``n`` (prunable) and ``total``."""
         raise NotImplementedError

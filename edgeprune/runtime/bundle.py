@@ -8,7 +8,7 @@ a request (``--method``, ``--tokens``, ``--ratio``, ``--method-arg``) that contr
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,11 +26,17 @@ _REEXPORT = "re-export it with `edgeprune export ... --force`"
 
 @dataclass(frozen=True)
 class GraphEntry:
-    """One graph of a bundle: its spec and the path of its ONNX file (sidecars sit next to it)."""
+    """One graph of a bundle: its spec and the path of its ONNX file (sidecars sit next to it).
+
+    Attributes:
+        variants: other ONNX files of the same graph (same spec and weights), by consumer: ``ort`` is the
+            decoder with fused attention (:mod:`edgeprune.export.ort_variant`).
+    """
 
     name: str
     path: Path
     spec: GraphSpec
+    variants: Mapping[str, Path] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -153,8 +159,14 @@ def open_bundle(root: str | Path, verify: bool = True) -> Bundle:
     graphs: dict[str, GraphEntry] = {}
     try:
         for name, entry in manifest["graphs"].items():
-            graphs[name] = GraphEntry(name=name, path=root / entry["file"], spec=GraphSpec.from_dict(entry["spec"]))
-    except (KeyError, TypeError, ValueError) as exc:
+            variants = {key: v["file"] for key, v in (entry.get("variants") or {}).items()}
+            unhashed = [f for f in (entry["file"], *variants.values()) if f not in manifest["files"]]
+            if unhashed:
+                raise BundleError(f"{root / MANIFEST} lists {unhashed[0]} for the {name} graph without its sha256; "
+                                  f"{_REEXPORT}")
+            graphs[name] = GraphEntry(name=name, path=root / entry["file"], spec=GraphSpec.from_dict(entry["spec"]),
+                                      variants={key: root / f for key, f in variants.items()})
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise BundleError(f"{root / MANIFEST} has a malformed graph entry ({exc!r}); {_REEXPORT}") from None
     for name in ("vision", "embed", "decoder"):
         if name not in graphs:

@@ -29,6 +29,7 @@ from ..errors import BackendError
 from ..export.spec import DTYPES
 from .anyres import assembly_order, pack_layout
 from .backend import Backend
+from ..export.ort_variant import ORT_DECODER_CHOICES, VARIANT, VARIANT_OPSET
 from .bundle import Bundle, BundleError, GraphEntry, open_bundle
 from .ort_inllm import RaggedSession, run_decoder_bound
 from .ort_methods import Guidance, prune_feeds
@@ -91,30 +92,55 @@ class TokenizersCodec:
         return text
 
 
+def choose_graph_file(entry: GraphEntry, providers: Sequence[str], choice: str = "auto") -> Path:
+    """The ONNX file of ``entry`` to run: its fused-attention variant or the portable graph.
+
+    ``auto`` takes the variant when the providers are CPU only: onnxruntime-gpu builds before the CUDA kernel
+    of the opset-23 Attention op place it on the CPU (onnxruntime#28025), which would cost far more than it
+    saves, so with an accelerator ``fused`` must be asked for. ``fused`` on a graph without a variant returns
+    the portable file; :class:`OrtBackend` refuses it when no graph of the bundle has one.
+
+    Raises:
+        BackendError: an unknown ``choice``.
+    """
+    if choice not in ORT_DECODER_CHOICES:
+        raise BackendError(f"--ort-decoder must be one of {', '.join(ORT_DECODER_CHOICES)}; got {choice!r}")
+    fused = entry.variants.get(VARIANT)
+    if fused is None or choice == "portable":
+        return entry.path
+    if choice == "fused" or all(p == "CPUExecutionProvider" for p in providers):
+        return fused
+    return entry.path
+
+
 class OrtRunner:
     """One graph in one ONNX Runtime session; checks every feed against the graph's spec (DESIGN.md §4 Runner).
 
     Args:
         entry: the bundle's graph entry (file and spec).
         providers: ONNX Runtime providers, in priority order.
+        path: the ONNX file to load (default ``entry.path``; a variant of the same graph, see
+            :func:`choose_graph_file`).
     Raises:
         BundleError: the ONNX file cannot be loaded, or its inputs differ from the spec in the manifest.
     """
 
-    def __init__(self, entry: GraphEntry, providers: list[str]) -> None:
+    def __init__(self, entry: GraphEntry, providers: list[str], path: Path | None = None) -> None:
         ort = require("onnxruntime")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: ORT warns about every node it leaves on the CPU
         self.spec = entry.spec
+        self.path = path or entry.path
         try:
-            self.session = ort.InferenceSession(str(entry.path), sess_options=options, providers=providers)
+            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception classes per failure
-            raise BundleError(f"cannot load {entry.path.name} with ONNX Runtime ({exc}); re-export the bundle") from exc
+            raise BundleError(f"cannot load {self.path.name} with ONNX Runtime ({exc}); re-export the bundle, or "
+                              "upgrade onnxruntime if it names an unknown operator") from exc
         names = [i.name for i in self.session.get_inputs()]
         if names != self.spec.input_names:
-            raise BundleError(f"{entry.path.name} has inputs {names}, but the manifest says {self.spec.input_names}; "
+            raise BundleError(f"{self.path.name} has inputs {names}, but the manifest says {self.spec.input_names}; "
                               "re-export the bundle")
-        log.info("graph %s runs on %s", entry.name, ", ".join(self.session.get_providers()))
+        log.info("graph %s (%s) runs on %s", entry.name, self.path.name, ", ".join(self.session.get_providers()))
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run the graph; returns the outputs in spec order.
@@ -180,18 +206,26 @@ class OrtBackend(Backend):
         providers: short provider names (``cpu``, ``cuda``, ``tensorrt``) in priority order.
         verify: hash every file of the bundle before loading it (reads the whole bundle once: seconds for a 7B
             model; pass False only for a bundle verified moments ago).
+        decoder: ``auto``, ``fused`` or ``portable``: which file of a graph with a fused-attention variant to run
+            (:func:`choose_graph_file`). With ``auto``, a variant this onnxruntime cannot load falls back to the
+            portable graph (logged).
     Raises:
-        BundleError: see :func:`~edgeprune.runtime.bundle.open_bundle`. BackendError: unavailable providers.
+        BundleError: see :func:`~edgeprune.runtime.bundle.open_bundle`. BackendError: unavailable providers,
+            ``fused`` for a bundle without a fused-attention decoder.
     """
 
     name = "ort"
 
-    def __init__(self, bundle: str | Path | Bundle, providers: Sequence[str] = ("cpu",), verify: bool = True) -> None:
+    def __init__(self, bundle: str | Path | Bundle, providers: Sequence[str] = ("cpu",), verify: bool = True,
+                 decoder: str = "auto") -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle, verify=verify)
         m = self.bundle.manifest
         self.providers = resolve_providers(providers)
         self.device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
-        self.runners = {name: OrtRunner(entry, self.providers) for name, entry in self.bundle.graphs.items()}
+        if decoder == "fused" and int(m["opset"]) < VARIANT_OPSET and not any(e.variants for e in self.bundle.graphs.values()):
+            raise BackendError(f"the bundle {self.bundle.root} has no fused-attention decoder (exported with "
+                               "--no-ort-variant); use --ort-decoder auto/portable or re-export it")
+        self.runners = {name: self._runner(entry, decoder) for name, entry in self.bundle.graphs.items()}
         self.image_config = ImageConfig.from_dict(m["preprocessing"])
         self.template = m["prompt"]["template"]
         self.eos_token_id = m["prompt"].get("eos_token_id")
@@ -216,6 +250,22 @@ class OrtBackend(Backend):
         self._spliced: tuple[OrtVisual, np.ndarray] | None = None
         self._ragged_active = False  # the last prefill was in-LLM: decode over the ragged cache
         self._guidance = self._make_guidance(m.get("guidance"))
+
+    def _runner(self, entry: GraphEntry, choice: str) -> OrtRunner:
+        path = choose_graph_file(entry, self.providers, choice)
+        if path == entry.path or choice != "auto":
+            return OrtRunner(entry, self.providers, path)
+        try:
+            return OrtRunner(entry, self.providers, path)
+        except BundleError as exc:  # e.g. an onnxruntime without the opset-23 Attention kernel
+            log.warning("%s; running the portable %s instead", exc, entry.path.name)
+            return OrtRunner(entry, self.providers)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What the profile reports about this backend: the providers and the ONNX file of every graph."""
+        return {"providers": ",".join(self.providers),
+                "graph_files": ",".join(r.path.name for r in self.runners.values())}
 
     def _make_guidance(self, section: dict[str, Any] | None) -> Guidance | None:
         """GridPrune's guidance stage from the manifest (None for the other methods)."""
@@ -355,12 +405,13 @@ class OrtBackend(Backend):
 
 def build_ort_pipeline(bundle: str | Path, providers: Sequence[str] = ("cpu",), method: str | None = None,
                        tokens: int | None = None, ratio: float | None = None,
-                       method_args: Mapping[str, str] | None = None) -> Any:
+                       method_args: Mapping[str, str] | None = None, decoder: str = "auto") -> Any:
     """A :class:`~edgeprune.runtime.pipeline.Pipeline` over a bundle; method, K and positions come from it.
 
     Args:
         bundle: the bundle directory.
         providers: short ONNX Runtime provider names.
+        decoder: ``--ort-decoder`` (:func:`choose_graph_file`).
         method, tokens, ratio, method_args: optional; when given they must match the bundle.
     Raises:
         BundleError, BackendError (a flag that contradicts the bundle, an unavailable provider).
@@ -372,5 +423,5 @@ def build_ort_pipeline(bundle: str | Path, providers: Sequence[str] = ("cpu",), 
     opened.check_request(method, tokens, ratio, method_args)
     m = opened.method
     budget = Budget(tokens=m["k"]) if m["uses_budget"] else Budget()
-    return Pipeline(OrtBackend(opened, providers), budget, m["positions"], bool(m["uses_budget"]),
+    return Pipeline(OrtBackend(opened, providers, decoder=decoder), budget, m["positions"], bool(m["uses_budget"]),
                     m.get("placement", "pre_llm"))

@@ -133,7 +133,7 @@ class Pipeline:
         prof.profile.counters.update(
             backend=be.name, kernels=getattr(getattr(be, "method", None), "kernels", "-"), visual_in=n,
             visual_kept=int(k), visual_to_llm=int(kept_pos.shape[0]), prompt_tokens=int(pos.shape[0]),
-            new_tokens=len(tokens), positions=self.positions, **layer_stats,
+            new_tokens=len(tokens), positions=self.positions, **layer_stats, **be.info,
         )
         text = be.codec.decode([t for t in tokens if t != be.eos_token_id])
         return Result(text=text, tokens=tokens, kept=kept, kept_positions=kept_pos, n_visual=n,

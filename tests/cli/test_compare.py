@@ -53,8 +53,10 @@ def test_happy_path_json_schema(bundle, capsys):
     assert code == 0, err
     rep = json.loads(out)
     assert set(rep) == {"bundle", "backends", "model", "method", "k", "prompt", "tolerance", "comparator", "checks",
-                        "tokens", "passed"}
+                        "tokens", "backend_info", "passed"}
     assert rep["passed"] is True and rep["backends"] == {"reference": "torch", "candidate": "ort"}
+    assert rep["backend_info"]["ort"] == {"providers": "CPUExecutionProvider",  # the fused decoder on the CPU
+                                          "graph_files": "vision.onnx,prune.onnx,embed.onnx,decoder.ort.onnx"}
     assert (rep["model"], rep["method"], rep["k"]) == ("tiny-llava", "cls-topk", 64)
     assert rep["tolerance"]["dtype"] == "fp32" and rep["tolerance"]["value"] == 1e-4
     stages = [(c["stage"], c["output"], c["step"]) for c in rep["checks"]]

@@ -119,7 +119,8 @@ def test_manifest_describes_the_bundle(bundles, tiny_llava):
     assert sorted(m["files"]) == on_disk and "tokenizer.json" in on_disk
     assert all(sha256_file(root / f) == h for f, h in m["files"].items())
     for name, g in m["graphs"].items():
-        assert g["files"] == [f"{name}.onnx", f"{name}.onnx.data"] and g["max_abs_err"] < 1e-4
+        variant = [f"{name}.ort.onnx"] if name == "decoder" else []  # weights shared: no sidecar of its own
+        assert g["files"] == [f"{name}.onnx", f"{name}.onnx.data", *variant] and g["max_abs_err"] < 1e-4
         proto = onnx.load(str(root / g["file"]), load_external_data=False)
         assert [i.name for i in proto.graph.input] == GraphSpec.from_dict(g["spec"]).input_names
         assert any(o.version == 18 for o in proto.opset_import if o.domain in ("", "ai.onnx"))
@@ -131,6 +132,79 @@ def test_manifest_describes_the_bundle(bundles, tiny_llava):
     assert m["vision"]["patch_grid"] == [24, 24] and m["vision"]["grid_pinpoints"] is None
     assert m["libraries"]["torch"] == torch.__version__ and m["model"]["fingerprint"]
     assert (root.stat().st_mode & 0o777) != 0o700  # not left private like the temporary directory
+
+
+def test_decoder_variant_fuses_attention_and_shares_the_weights(bundles):
+    """decoder.onnx: opset 18, eager-attention pattern without the SDPA NaN guard; decoder.ort.onnx: opset 23 with
+    the fused Attention op, every weight read from decoder.onnx.data, same outputs."""
+    root = bundles["cls-topk"]
+    entry = json.loads((root / MANIFEST).read_text())["graphs"]["decoder"]
+    variant = entry["variants"]["ort"]
+    assert variant["file"] == "decoder.ort.onnx" and variant["opset"] == 23 and variant["max_abs_err"] < 1e-4
+    assert variant["data_files"] == ["decoder.onnx.data"] and not (root / "decoder.ort.onnx.data").exists()
+    portable = onnx.load(str(root / "decoder.onnx"), load_external_data=False)
+    fused = onnx.load(str(root / "decoder.ort.onnx"), load_external_data=False)
+    ops = lambda proto: {n.op_type for n in proto.graph.node}  # noqa: E731
+    assert "Softmax" in ops(portable) and not {"IsNaN", "Attention"} & ops(portable)
+    assert "Attention" in ops(fused) and "Softmax" not in ops(fused)
+    locations = {e.value for t in fused.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"decoder.onnx.data"}
+    spec = GraphSpec.from_dict(entry["spec"])
+    feeds = spec.dummy_inputs({"batch": 1, "seq": 9, "past": 4, "total": 13}, seed=3,
+                              overrides={"attention_mask": np.ones((1, 13), np.int64),
+                                         "position_ids": np.arange(4, 13)[None]})
+    outs = [ort.InferenceSession(str(root / f), providers=["CPUExecutionProvider"]).run(None, feeds)
+            for f in ("decoder.onnx", "decoder.ort.onnx")]
+    for a, b in zip(*outs):
+        assert a.shape == b.shape and np.abs(a - b).max() < 1e-4
+
+
+def test_share_external_data_keeps_only_tensors_without_a_twin(tmp_path):
+    """A variant with one tensor equal to the base's (under another name) and one new: the first points into
+    the base's sidecar, the second stays in a rewritten sidecar of its own; the model still runs."""
+    from onnx import TensorProto as T, helper, numpy_helper
+
+    from edgeprune.export.ort_variant import share_external_data
+
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    b = np.full((2, 3), 7, np.float32)
+
+    def save(name, tensors):
+        inits = [numpy_helper.from_array(v, k) for k, v in tensors.items()]
+        nodes = [helper.make_node("Add", ["x", k], [f"y{i}"]) for i, k in enumerate(tensors)]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [2, 3])],
+                                  [helper.make_tensor_value_info(f"y{i}", T.FLOAT, [2, 3]) for i in range(len(nodes))],
+                                  inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+        onnx.save(model, str(tmp_path / name), save_as_external_data=True, location=f"{name}.data",
+                  size_threshold=0)
+
+    save("base.onnx", {"w": a})
+    save("var.onnx", {"renamed": a, "new": b})
+    assert share_external_data(tmp_path / "var.onnx", tmp_path / "base.onnx") == ["base.onnx.data", "var.onnx.data"]
+    assert (tmp_path / "var.onnx.data").stat().st_size == b.nbytes  # only the tensor without a twin
+    x = np.ones((2, 3), np.float32)
+    y0, y1 = ort.InferenceSession(str(tmp_path / "var.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert np.array_equal(y0, x + a) and np.array_equal(y1, x + b)
+
+
+def test_llm_attention_is_restored_after_a_failed_export(tiny_llava):
+    from edgeprune.export.ort_variant import llm_attention
+
+    lm = tiny_llava.family.language_model(tiny_llava.model)
+    before = lm.config._attn_implementation
+    with pytest.raises(RuntimeError), llm_attention(lm, 18):
+        assert lm.config._attn_implementation == "eager"
+        raise RuntimeError("the exporter failed")
+    assert lm.config._attn_implementation == before
+    with llm_attention(lm, 23):
+        assert lm.config._attn_implementation == before  # SDPA lowers to the fused op at opset 23
+
+
+def test_no_ort_variant_writes_the_portable_decoder_only(tmp_path, tiny_llava):
+    out = tmp_path / "b"
+    m = export_bundle(tiny_llava, "none", out_dir=out, ort_variant=False, **QUIET)
+    assert "variants" not in m["graphs"]["decoder"] and not (out / "decoder.ort.onnx").exists()
 
 
 def test_reuse_links_model_graphs_and_exports_the_prune_graph(bundles):

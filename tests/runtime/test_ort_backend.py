@@ -135,6 +135,52 @@ def test_ort_matches_torch_reference(method, bundles, tiny_llava, rgb_image):
     assert_parity(be, ref, rgb_image, BUDGETS[method], be.bundle.method["positions"])
 
 
+@pytest.mark.parametrize("decoder,file", [("auto", "decoder.ort.onnx"), ("portable", "decoder.onnx")])
+def test_both_decoder_files_match_torch(decoder, file, bundles, tiny_llava, rgb_image):
+    """The fused-attention variant (what ``auto`` picks on the CPU) and the portable opset-18 decoder (what
+    TensorRT builds) both pass the full parity check."""
+    be = OrtBackend(bundles["cls-topk"], decoder=decoder)
+    assert be.runners["decoder"].path.name == file and be.info["graph_files"].endswith(file)
+    ref = build_pipeline("", "cls-topk", tokens=64, loaded=tiny_llava).backend
+    assert_parity(be, ref, rgb_image, 64, "compact")
+
+
+def test_decoder_choice_by_provider_and_fallbacks(bundles, tmp_path, caplog, capsys):
+    from edgeprune.cli import main
+    from edgeprune.export.manifest import sha256_file
+    from edgeprune.runtime.ort_backend import choose_graph_file
+
+    entry = open_bundle(bundles["cls-topk"]).graphs["decoder"]
+    cpu, gpu = ["CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert choose_graph_file(entry, cpu).name == "decoder.ort.onnx"
+    assert choose_graph_file(entry, gpu).name == "decoder.onnx"  # opset-23 Attention may fall back to the CPU
+    assert choose_graph_file(entry, gpu, "fused").name == "decoder.ort.onnx"
+    with pytest.raises(BackendError, match="--ort-decoder must be one of"):
+        choose_graph_file(entry, cpu, "fast")
+    # an onnxruntime that cannot load the variant (simulated: unreadable file, hashes updated): auto falls back
+    root = tmp_path / "b"
+    shutil.copytree(bundles["cls-topk"], root)
+    (root / "decoder.ort.onnx").write_bytes(b"not an onnx model")
+    m = json.loads((root / MANIFEST).read_text())
+    m["files"]["decoder.ort.onnx"] = sha256_file(root / "decoder.ort.onnx")
+    (root / MANIFEST).write_text(json.dumps(m))
+    with caplog.at_level("WARNING"):
+        assert OrtBackend(root).runners["decoder"].path.name == "decoder.onnx"
+    assert "running the portable decoder.onnx instead" in caplog.text
+    with pytest.raises(BundleError, match="cannot load decoder.ort.onnx"):
+        OrtBackend(root, decoder="fused")
+    # a bundle without the variant: fused is refused with what to do; an unhashed variant is refused
+    del m["graphs"]["decoder"]["variants"]
+    (root / MANIFEST).write_text(json.dumps(m))
+    assert main(["run", "--bundle", str(root), "--ort-decoder", "fused", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "no fused-attention decoder" in err and err.count("\n") == 1
+    m["graphs"]["decoder"]["variants"] = {"ort": {"file": "other.onnx"}}
+    (root / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="lists other.onnx for the decoder graph without its sha256"):
+        open_bundle(root)
+
+
 def reuse_for(factory, loaded, name, base):
     """The bundle whose model graphs a method bundle reuses: FitPrune takes FastV's ragged decoder."""
     return method_bundle(factory, loaded, "fastv", base)[0] if name == "fitprune" else base
