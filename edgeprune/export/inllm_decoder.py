@@ -105,6 +105,11 @@ def _fitprune_scores(q: torch.Tensor, k: torch.Tensor, scaling: float, visual: t
     return cross * self_
 
 
+def _eager(lm: Any) -> bool:
+    """Whether the exporter asked for eager attention (below opset 23, see :mod:`.ort_variant`)."""
+    return lm.config._attn_implementation == "eager"
+
+
 class InLLMPrefillGraph(nn.Module):
     """The prefill graph (see the module docstring).
 
@@ -134,7 +139,7 @@ class InLLMPrefillGraph(nn.Module):
             attn = layer.self_attn
             q, k, v = inllm.project_qkv(attn, layer.input_layernorm(hidden), cos, sin)
             s = hidden.shape[1]
-            ctx = inllm.attend(q, k, v, attn.scaling, inllm.causal_mask(s, s, q.device))
+            ctx = inllm.attend(q, k, v, attn.scaling, inllm.causal_mask(s, s, q.device), _eager(lm))
             presents += [k, v]
             residual = hidden
             m = self.schedule.at(idx, n)
@@ -186,6 +191,6 @@ class InLLMDecodeGraph(nn.Module):
             presents += [keys, values]
             # always masked (all True for one token) so q_len is not specialised by a Python branch
             mask = inllm.causal_mask(q_len, keys.shape[2], q.device)
-            hidden = hidden + attn.o_proj(inllm.attend(q, keys, values, attn.scaling, mask))
+            hidden = hidden + attn.o_proj(inllm.attend(q, keys, values, attn.scaling, mask, _eager(lm)))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return (self.head(lm.norm(hidden[:, -1])), *presents)

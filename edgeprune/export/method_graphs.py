@@ -187,8 +187,10 @@ def inllm_jobs(loaded: Any, plan: Any, sdtype: str, dims: dict[str, int]) -> lis
         checks = [prefill_feeds(t + 30, 7, t, n) for t, n in ((n_ex + 120, n_ex + 90), (n_ex + 30, n_ex + 2))
                   if n <= plan.n_max]
     pspec = inllm_prefill_spec(layers, hkv, hd, d, v, plan.n, sdtype)
+    lm = loaded.family.language_model(loaded.model)
     prefill = GraphJob("prefill", InLLMPrefillGraph(loaded, plan.schedule), pspec, example, checks,
-                       mins={} if plan.n is not None else {"n": max(2, keep)}, meta={"in_llm": plan.schedule.to_dict()})
+                       mins={} if plan.n is not None else {"n": max(2, keep)}, meta={"in_llm": plan.schedule.to_dict()},
+                       llm=lm)
     dspec = inllm_decode_spec(layers, hkv, hd, d, v, sdtype)
 
     def decode_feeds(q: int, pasts: list[int]) -> dict[str, np.ndarray]:
@@ -201,5 +203,5 @@ def inllm_jobs(loaded: Any, plan: Any, sdtype: str, dims: dict[str, int]) -> lis
 
     decode = GraphJob("decoder", InLLMDecodeGraph(loaded), dspec, decode_feeds(3, [9 + layers - i for i in range(layers)]),
                       [decode_feeds(1, [60 - 7 * (i % 5) for i in range(layers)]), decode_feeds(4, [20] * layers)],
-                      var_inputs=2 * layers)
+                      var_inputs=2 * layers, llm=lm)
     return [prefill, decode]

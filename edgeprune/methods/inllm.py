@@ -106,19 +106,28 @@ def project_qkv(attn: Any, x: torch.Tensor, cos: torch.Tensor,
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
-           mask: Optional[torch.Tensor]) -> torch.Tensor:
+           mask: Optional[torch.Tensor], eager: bool = False) -> torch.Tensor:
     """Attention context before ``o_proj``.
 
     Args:
         q: [1, H, Sq, hd]; k, v: [1, Hkv, Sk, hd].
         scaling: the module's ``scaling`` (``head_dim ** -0.5``).
         mask: [Sq, Sk] bool (True = attend) or None (attend everything).
+        eager: HF eager attention's formulation (``softmax(q kᵀ · s + min-mask)`` in float32) instead of SDPA;
+            the export wrappers use it below opset 23, where SDPA's lowering adds a NaN guard per score tensor
+            (:mod:`edgeprune.export.ort_variant`).
     Returns:
         [1, Sq, H * hd].
     """
     groups = q.shape[1] // k.shape[1]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=mask, scale=scaling)
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    if eager:
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 

@@ -236,3 +236,15 @@ def test_bad_plans_and_inputs_are_errors(tiny_llava):
                               rotary_emb=lm.rotary_emb)
     with pytest.raises(EdgepruneError, match="sliding"):
         inllm.prefill(sliding, embeds, pos, 2, 6)
+
+
+@pytest.mark.parametrize("heads,kv_heads,q_len,kv_len", [(4, 4, 7, 7), (4, 2, 3, 11), (4, 1, 1, 9)])
+def test_eager_attention_equals_sdpa(heads, kv_heads, q_len, kv_len):
+    """The export formulation (below opset 23) equals SDPA: GQA, bottom-right causal masks, no mask."""
+    gen = torch.Generator().manual_seed(heads + q_len)
+    q = torch.randn(1, heads, q_len, 16, generator=gen)
+    k, v = (torch.randn(1, kv_heads, kv_len, 16, generator=gen) for _ in range(2))
+    for mask in (inllm.causal_mask(q_len, kv_len), None):
+        want = inllm.attend(q, k, v, 0.25, mask)
+        got = inllm.attend(q, k, v, 0.25, mask, eager=True)
+        assert got.shape == (1, q_len, heads * 16) and torch.allclose(got, want, atol=1e-6)
