@@ -120,13 +120,13 @@ def check_options(o: BenchOptions) -> None:
             raise EdgepruneError(f"{name} must be >= {low}; got {value}")
     if "ort" in o.backends:
         from ..export.exporter import MAX_OPSET, MIN_OPSET
-
         from ..export.ort_variant import ORT_DECODER_CHOICES
 
         if not MIN_OPSET <= o.opset <= MAX_OPSET:
             raise EdgepruneError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}; got {o.opset}")
         if o.ort_decoder not in ORT_DECODER_CHOICES:
-            raise EdgepruneError(f"--ort-decoder must be one of {', '.join(ORT_DECODER_CHOICES)}; got {o.ort_decoder!r}")
+            raise EdgepruneError(f"--ort-decoder must be one of {', '.join(ORT_DECODER_CHOICES)}; "
+                                 f"got {o.ort_decoder!r}")
     for k in o.tokens:
         Budget(tokens=k)
     for r in o.ratios:

@@ -25,9 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--opset", type=int, default=18,
                    help="ONNX opset, 18 (TensorRT-portable, default) to 23 (fused attention in ONNX Runtime)")
     o.add_argument("--no-ort-variant", dest="ort_variant", action="store_false",
-                   help="below opset 23, skip decoder.ort.onnx: the decoder with the fused opset-23 Attention op "
-                        "that ONNX Runtime runs 1.1-1.3x faster on CPU (it shares decoder.onnx's weights; "
-                        "TensorRT builds decoder.onnx either way)")
+                   help="below opset 23, skip decoder.ort.onnx (and FastV/FitPrune's prefill.ort.onnx): the LLM "
+                        "graphs with the fused opset-23 Attention op that ONNX Runtime runs 1.1-1.3x faster on CPU "
+                        "(they share the portable graphs' weights; TensorRT builds the portable graphs either way)")
     o.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"), help="graph precision (default: %(default)s)")
     o.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     o.add_argument("--reuse", metavar="DIR", help="copy the vision/embed/decoder graphs of a bundle of the same "

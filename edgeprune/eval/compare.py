@@ -167,7 +167,7 @@ class CompareReport:
         lines = [head] + [f"{name}: " + ", ".join(f"{k} {v}" for k, v in info.items())
                           for name, info in self.backend_info.items() if info]
         lines += [f"{'stage':<10} {'output':<16} {'step':>4} {'shape':<16} {'max abs':>10} {'max rel':>10} "
-                       f"{'bound':>10}  result"]
+                  f"{'bound':>10}  result"]
         for c in self.checks:
             num = (f"{c.max_abs:10.3g} {c.max_rel:10.3g} {c.atol:10.3g}" if c.kind == "close" and c.max_abs is not None
                    else f"{'':>10} {'':>10} {'exact':>10}")

@@ -107,9 +107,9 @@ def export_bundle(model: Any, method: str = "none", *, out_dir: str | os.PathLik
             :class:`~edgeprune.models.clip_guidance.ClipGuidance`); default as ``build_pipeline``: ``tiny-clip``
             for the offline presets, CLIP-L/336's towers with random weights for ``random_weights``, else
             ``guidance=llm``.
-        ort_variant: below opset 23, also write ``decoder.ort.onnx``, the decoder with ONNX Runtime's fused
-            Attention op (opset 23, sharing the weights of ``decoder.onnx``); see
-            :mod:`~edgeprune.export.ort_variant`.
+        ort_variant: below opset 23, also write ``decoder.ort.onnx`` (and ``prefill.ort.onnx`` for FastV /
+            FitPrune): the LLM graphs at opset 23 with ONNX Runtime's fused Attention op, sharing the weights of
+            the portable graphs; see :mod:`~edgeprune.export.ort_variant`.
         log: progress sink (default: stderr, through tqdm when installed).
     Returns:
         The manifest as written.

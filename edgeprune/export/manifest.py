@@ -10,6 +10,8 @@ A bundle is a directory::
     embed.onnx(.data)        the LLM's token embedding
     prefill.onnx(.data)      in-LLM methods (FastV, FitPrune): prefill with in-graph drops, ragged presents
     decoder.onnx(.data)      decode (pre-LLM methods: prefill and decode; in-LLM: decode over the ragged cache)
+    decoder.ort.onnx         the same decoder at opset 23 (fused Attention) for ONNX Runtime, reading
+                             decoder.onnx.data (also prefill.ort.onnx); absent with --no-ort-variant or opset 23
     tokenizer.json ...       the tokenizer as written by ``save_pretrained`` (the runtime reads tokenizer.json)
     clip_tokenizer/          GridPrune with CLIP guidance: the CLIP tokenizer
     image_newline.npy        LLaVA-NeXT only: the newline embedding the host splices after every grid row

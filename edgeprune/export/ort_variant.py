@@ -14,11 +14,13 @@ its speed:
   which ONNX Runtime runs in one kernel per layer: prefill 1.1-1.3x faster on CPU than the plain pattern. But
   TensorRT 10.x (JetPack 6) and older ONNX Runtime builds do not run that op.
 
-So a bundle exported at opset 18 carries both: ``decoder.onnx`` (opset 18, portable: TensorRT, any ONNX
-consumer) and ``decoder.ort.onnx`` (the same module exported at opset 23, validated the same way), which ONNX
-Runtime picks where it can (see :func:`~edgeprune.runtime.ort_backend.choose_graph_file`). The variant
-stores no weights of its own: every external tensor it has is byte-identical to one in ``decoder.onnx.data``
-(checked, :func:`share_external_data`), so it points there and costs a few hundred KB.
+So a bundle exported at opset 18 carries both for every LLM graph (``decoder``; FastV / FitPrune's ``prefill``
+too, whose hand-written layer loop takes the same choice through :func:`edgeprune.methods.inllm.attend`):
+``decoder.onnx`` (opset 18, portable: TensorRT, any ONNX consumer) and ``decoder.ort.onnx`` (the same module
+exported at opset 23, validated the same way), which ONNX Runtime picks where it can (see
+:func:`~edgeprune.runtime.ort_backend.choose_graph_file`). The variant stores no weights of its own: every
+external tensor it has is byte-identical to one in ``decoder.onnx.data`` (checked, :func:`share_external_data`),
+so it points there and costs a few hundred KB.
 """
 
 from __future__ import annotations
