@@ -18,7 +18,9 @@ def add_model_args(p: argparse.ArgumentParser, default: str | None = "tiny-llava
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
 
 
-def add_method_args(p: argparse.ArgumentParser, default: str = "none") -> None:
+def add_method_args(p: argparse.ArgumentParser, default: str = "none", kernels: bool = True) -> None:
+    """--method, --tokens/--ratio, --method-arg, --clip and (``kernels``) --kernels, which only the commands that
+    run the torch backend take: a bundle's fused nodes are chosen when it is built, not exported."""
     g = p.add_argument_group("pruning")
     g.add_argument("--method", default=default, help="pruning method (see `edgeprune methods`; default: %(default)s)")
     budget = g.add_mutually_exclusive_group()
@@ -26,9 +28,10 @@ def add_method_args(p: argparse.ArgumentParser, default: str = "none") -> None:
     budget.add_argument("--ratio", type=float, help="keep round(r*N) visual tokens, r in (0, 1]")
     g.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="method parameter, repeatable (e.g. --method-arg seed=3)")
-    g.add_argument("--kernels", default="torch", choices=("torch", "triton"),
-                   help="pruning implementation: torch (reference) or triton (fused ZonalTopK/GraphRank kernels for "
-                        "gridprune/gprune; needs CUDA, or TRITON_INTERPRET=1 on CPU)")
+    if kernels:
+        g.add_argument("--kernels", default="torch", choices=("torch", "triton"),
+                       help="pruning implementation: torch (reference) or triton (fused ZonalTopK/GraphRank kernels "
+                            "for gridprune/gprune; needs CUDA, or TRITON_INTERPRET=1 on CPU)")
     g.add_argument("--clip", metavar="CLIP", help="CLIP checkpoint (directory or hub id, e.g. "
                    "openai/clip-vit-large-patch14-336) for text-guided methods (gridprune guidance=clip); "
                    "'tiny-clip' is built offline and is the default for the tiny presets")

@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "directory or a Hugging Face id (default: %(default)s)")
     g.add_argument("--random-weights", action="store_true",
                    help="build a named preset's architecture with random weights and a synthetic tokenizer")
-    add_method_args(p)
+    add_method_args(p, kernels=False)
     o = p.add_argument_group("output")
     o.add_argument("--out", required=True, metavar="DIR", help="bundle directory to create")
     o.add_argument("--opset", type=int, default=18,

@@ -56,6 +56,13 @@ class TorchBackend(Backend):
         self._seq_len = 0
         self._spliced: tuple[VisualSequence, np.ndarray] | None = None
 
+    @property
+    def info(self) -> dict[str, Any]:
+        """Device, dtype and the LLM's attention implementation, for the profile's counters."""
+        lm = self.family.language_model(self.model)
+        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "attention": lm.config._attn_implementation}
+
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -228,6 +228,10 @@ def test_pipeline_tokens_and_kept_equal_torch(bundles, tiny_llava, rgb_image):
     got, want = pipe.run(rgb_image, PROMPT, max_new_tokens=NEW), ref.run(rgb_image, PROMPT, max_new_tokens=NEW)
     assert got.tokens == want.tokens and got.kept.tolist() == want.kept.tolist() and got.text == want.text
     assert got.profile.counters["backend"] == "ort" and got.profile.counters["visual_to_llm"] == 64
+    assert got.profile.counters["providers"] == "CPUExecutionProvider"  # the profile says what ran where
+    assert got.profile.counters["graph_files"] == "vision.onnx,prune.onnx,embed.onnx,decoder.ort.onnx"
+    assert {k: want.profile.counters[k] for k in ("device", "dtype", "attention")} == {
+        "device": "cpu", "dtype": "float32", "attention": "sdpa"}
     again = pipe.run(rgb_image, PROMPT, max_new_tokens=NEW)  # sessions and cache state are reused cleanly
     assert again.tokens == got.tokens
 
