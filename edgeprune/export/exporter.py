@@ -341,10 +341,17 @@ def _export_all(jobs: list[GraphJob], reused: dict[str, dict[str, Any]], tmp: Pa
                  "validated_on": [job.spec.check_feeds(c) for c in job.checks], **job.meta}
         note = ""
         if ort_variant and job.llm is not None and opset < VARIANT_OPSET:
-            variant = _export_variant(job, tmp, sdtype)
-            entry["variants"] = {VARIANT: variant}
-            entry["files"] = sorted({*files, variant["file"], *variant["data_files"]})
-            note = f"; {variant['file']} (opset {VARIANT_OPSET}) {variant['max_abs_err']:.2e}"
+            try:
+                variant = _export_variant(job, tmp, sdtype)
+            except ExportError as exc:  # an optimisation, not a requirement: the bundle works without it
+                for p in tmp.glob(f"{variant_file(job.name)}*"):
+                    p.unlink()
+                entry["variants_skipped"] = {VARIANT: str(exc).splitlines()[0]}
+                note = f"; {variant_file(job.name)} skipped ({str(exc).splitlines()[0]})"
+            else:
+                entry["variants"] = {VARIANT: variant}
+                entry["files"] = sorted({*files, variant["file"], *variant["data_files"]})
+                note = f"; {variant['file']} (opset {VARIANT_OPSET}) {variant['max_abs_err']:.2e}"
         entry["export_seconds"] = seconds = round(time.perf_counter() - start, 2)
         entries[job.name] = entry
         log(f"[{i}/{len(jobs)}] {job.name}: exported in {seconds:.1f} s, max |ORT - torch| = {err:.2e}{note}")
@@ -354,7 +361,12 @@ def _export_all(jobs: list[GraphJob], reused: dict[str, dict[str, Any]], tmp: Pa
 def _export_variant(job: GraphJob, tmp: Path, sdtype: str) -> dict[str, Any]:
     """Export ``job`` again at opset 23 as ``<name>.ort.onnx``, validate it, point its weights at the portable
     graph's sidecar; returns its manifest entry (``file``, ``opset``, ``data_files``: the sidecars it reads,
-    ``max_abs_err``)."""
+    ``max_abs_err``).
+
+    Raises:
+        ExportError: the export or the validation failed; the caller then records the variant as skipped
+            (``variants_skipped`` in the manifest entry, a note in the log) and keeps the portable graph.
+    """
     path = tmp / variant_file(job.name)
     export_graph(job, path, VARIANT_OPSET)
     err = validate_graph(job, path, TOLERANCE[sdtype])

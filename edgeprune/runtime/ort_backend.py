@@ -222,7 +222,8 @@ class OrtBackend(Backend):
         m = self.bundle.manifest
         self.providers = resolve_providers(providers)
         self.device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
-        if decoder == "fused" and int(m["opset"]) < VARIANT_OPSET and not any(e.variants for e in self.bundle.graphs.values()):
+        has_fused = int(m["opset"]) >= VARIANT_OPSET or any(e.variants for e in self.bundle.graphs.values())
+        if decoder == "fused" and not has_fused:
             raise BackendError(f"the bundle {self.bundle.root} has no fused-attention decoder (exported with "
                                "--no-ort-variant); use --ort-decoder auto/portable or re-export it")
         self.runners = {name: self._runner(entry, decoder) for name, entry in self.bundle.graphs.items()}
@@ -253,11 +254,11 @@ class OrtBackend(Backend):
 
     def _runner(self, entry: GraphEntry, choice: str) -> OrtRunner:
         path = choose_graph_file(entry, self.providers, choice)
-        if path == entry.path or choice != "auto":
-            return OrtRunner(entry, self.providers, path)
         try:
             return OrtRunner(entry, self.providers, path)
         except BundleError as exc:  # e.g. an onnxruntime without the opset-23 Attention kernel
+            if choice != "auto" or path == entry.path:
+                raise
             log.warning("%s; running the portable %s instead", exc, entry.path.name)
             return OrtRunner(entry, self.providers)
 

@@ -379,3 +379,25 @@ def test_fingerprint_ignores_save_bookkeeping_but_not_weights(tmp_path):
     with torch.no_grad():
         loaded.model.lm_head.weight[0, 0] += 1.0
     assert model_fingerprint(loaded.model) != before
+
+
+def test_a_failing_variant_is_skipped_not_fatal(tmp_path, tiny_llava, monkeypatch):
+    """The fused decoder is an optimisation: when its export fails the bundle keeps the portable decoder, says
+    why in the manifest and the log, and leaves no partial variant file."""
+    import edgeprune.export.exporter as E
+
+    real = E.export_graph
+
+    def fail_at_23(job, path, opset):
+        if opset == 23:
+            path.write_bytes(b"partial")
+            raise ExportError("exporting the decoder graph failed: simulated")
+        real(job, path, opset)
+
+    monkeypatch.setattr(E, "export_graph", fail_at_23)
+    lines = []
+    m = export_bundle(tiny_llava, "none", out_dir=tmp_path / "b", log=lines.append)
+    entry = m["graphs"]["decoder"]
+    assert "variants" not in entry and "simulated" in entry["variants_skipped"]["ort"]
+    assert not list((tmp_path / "b").glob("decoder.ort.onnx*")) and "decoder.ort.onnx" not in m["files"]
+    assert any("decoder.ort.onnx skipped" in line for line in lines)
