@@ -6,10 +6,11 @@ splice of kept visual rows between the prompt's text embeddings, GridPrune's gui
 G-Prune's group ids (:mod:`~edgeprune.runtime.ort_methods`) on the host in numpy; tokenisation with the
 ``tokenizers`` library from the bundle's ``tokenizer.json`` (and ``clip_tokenizer/`` for CLIP guidance).
 In-LLM methods (FastV, FitPrune) run their ``prefill`` graph, which drops visual tokens between layers, and then
-decode over the ragged per-layer cache (:mod:`~edgeprune.runtime.ort_inllm`). The KV cache stays in ONNX Runtime ``OrtValue`` objects between
-decode steps: the decoder runs through IO binding, its presents are bound to the execution device and fed back
-as the next step's past, so the cache never goes through numpy (on CUDA it stays on the GPU); only the
-last-token logits are bound to host memory.
+decode over the ragged per-layer cache (:mod:`~edgeprune.runtime.ort_inllm`). The KV cache stays in ONNX Runtime
+``OrtValue`` objects between decode steps: the decoder runs through IO binding, its presents are bound to the
+execution device and fed back as the next step's past, so the cache never goes through numpy (on CUDA it stays
+on the GPU); only the last-token logits are bound to host memory. LLM graphs with a fused-attention variant
+(``decoder.ort.onnx``) run it or the portable file as :func:`choose_graph_file` decides (logged, with why).
 
 On a Jetson this path needs numpy, Pillow, tokenizers and onnxruntime(-gpu) only (tested in a subprocess that
 blocks torch and transformers).
@@ -92,25 +93,30 @@ class TokenizersCodec:
         return text
 
 
-def choose_graph_file(entry: GraphEntry, providers: Sequence[str], choice: str = "auto") -> Path:
-    """The ONNX file of ``entry`` to run: its fused-attention variant or the portable graph.
+def choose_graph_file(entry: GraphEntry, providers: Sequence[str], choice: str = "auto") -> tuple[Path, str]:
+    """The ONNX file of ``entry`` to run, its fused-attention variant or the portable graph, and why.
 
     ``auto`` takes the variant when the providers are CPU only: onnxruntime-gpu builds before the CUDA kernel
     of the opset-23 Attention op place it on the CPU (onnxruntime#28025), which would cost far more than it
     saves, so with an accelerator ``fused`` must be asked for. ``fused`` on a graph without a variant returns
     the portable file; :class:`OrtBackend` refuses it when no graph of the bundle has one.
 
+    Returns:
+        (path, reason): the file and a phrase for the log (house rule 7).
     Raises:
         BackendError: an unknown ``choice``.
     """
     if choice not in ORT_DECODER_CHOICES:
         raise BackendError(f"--ort-decoder must be one of {', '.join(ORT_DECODER_CHOICES)}; got {choice!r}")
     fused = entry.variants.get(VARIANT)
-    if fused is None or choice == "portable":
-        return entry.path
-    if choice == "fused" or all(p == "CPUExecutionProvider" for p in providers):
-        return fused
-    return entry.path
+    if fused is None:
+        return entry.path, "the only file of this graph"
+    if choice != "auto":
+        return (fused if choice == "fused" else entry.path), f"--ort-decoder {choice}"
+    accelerators = [p for p in providers if p != "CPUExecutionProvider"]
+    if not accelerators:
+        return fused, "fused attention on the CPU provider"
+    return entry.path, f"{accelerators[0]} may not run the opset-23 Attention op (--ort-decoder fused to try)"
 
 
 class OrtRunner:
@@ -253,7 +259,8 @@ class OrtBackend(Backend):
         self._guidance = self._make_guidance(m.get("guidance"))
 
     def _runner(self, entry: GraphEntry, choice: str) -> OrtRunner:
-        path = choose_graph_file(entry, self.providers, choice)
+        path, why = choose_graph_file(entry, self.providers, choice)
+        log.info("graph %s: %s (%s)", entry.name, path.name, why)
         try:
             return OrtRunner(entry, self.providers, path)
         except BundleError as exc:  # e.g. an onnxruntime without the opset-23 Attention kernel

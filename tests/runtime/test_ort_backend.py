@@ -152,9 +152,11 @@ def test_decoder_choice_by_provider_and_fallbacks(bundles, tmp_path, caplog, cap
 
     entry = open_bundle(bundles["cls-topk"]).graphs["decoder"]
     cpu, gpu = ["CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert choose_graph_file(entry, cpu).name == "decoder.ort.onnx"
-    assert choose_graph_file(entry, gpu).name == "decoder.onnx"  # opset-23 Attention may fall back to the CPU
-    assert choose_graph_file(entry, gpu, "fused").name == "decoder.ort.onnx"
+    assert choose_graph_file(entry, cpu)[0].name == "decoder.ort.onnx"
+    path, why = choose_graph_file(entry, gpu)  # opset-23 Attention may fall back to the CPU there
+    assert path.name == "decoder.onnx" and "CUDAExecutionProvider may not run" in why
+    assert choose_graph_file(entry, gpu, "fused") == (entry.variants["ort"], "--ort-decoder fused")
+    assert choose_graph_file(entry, cpu, "portable")[0] == entry.path
     with pytest.raises(BackendError, match="--ort-decoder must be one of"):
         choose_graph_file(entry, cpu, "fast")
     # an onnxruntime that cannot load the variant (simulated: unreadable file, hashes updated): auto falls back
