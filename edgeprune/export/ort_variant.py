@@ -6,7 +6,7 @@ its speed:
 - **Below opset 23** the dynamo exporter decomposes ``scaled_dot_product_attention`` into MatMul / mask Add /
   Softmax / MatMul *plus a NaN guard* (``Where(IsNaN(p), 0, p)`` over every ``[B,H,S,T]`` probability tensor, for
   rows with no key left). A causal decoder never has such a row, yet the guard is two more full passes per layer:
-  40 % of ONNX Runtime's prefill time on tiny-llava. HF's *eager* attention (``softmax(q kᵀ · s + mask)``,
+  about a third of ONNX Runtime's prefill time on tiny-llava. HF's *eager* attention (``softmax(q kᵀ · s + mask)``,
   float32 softmax, finite mask) exports to the plain pattern, which TensorRT's attention fusion also matches, so
   the portable graph is traced with it (:func:`llm_attention`). The PyTorch reference it is validated against
   keeps the model's own (SDPA) attention, so the swap is checked numerically on every export.
@@ -20,7 +20,7 @@ too, whose hand-written layer loop takes the same choice through :func:`edgeprun
 exported at opset 23, validated the same way), which ONNX Runtime picks where it can (see
 :func:`~edgeprune.runtime.ort_backend.choose_graph_file`). The variant stores no weights of its own: every
 external tensor it has is byte-identical to one in ``decoder.onnx.data`` (checked, :func:`share_external_data`),
-so it points there and costs a few hundred KB.
+so it points there and costs only its graph.
 """
 
 from __future__ import annotations
