@@ -13,18 +13,32 @@ The runtime must run on a Jetson with numpy and Pillow only, so this module re-i
    image is smaller than the crop).
 4. Rescale in float64 then cast to float32; normalise in float32.
 
+Speed: steps 1-3 stay in Pillow on uint8 images (no numpy round trips), and step 4 is one table look-up per
+channel into a preallocated ``[V, 3, crop, crop]`` float32 buffer: every output element depends only on its
+uint8 level and channel, so a ``[3, 256]`` table built with HF's exact float64/float32 expressions gives the
+same bits while fusing rescale, normalise and the HWC -> CHW transpose (``benchmarks/preprocess_bench.py``
+measures it against the previous numpy implementation).
+
+Size limit: images above :data:`MAX_IMAGE_PIXELS` (8192 x 8192, 67 megapixels) are refused with an
+:class:`~edgeprune.errors.ImageError` before they are decoded (``Image.open`` reads only the header), and
+Pillow's decompression-bomb warning is an error: a 10,000² image used to take 11 s and 1.8 GB to end in a few
+336-pixel views.
+
 LLaVA-NeXT (``grid_pinpoints`` set) produces a base view (the whole image squashed to ``size x size``,
 ignoring its aspect ratio) followed by the crops of the best canvas: the image is resized to fit that canvas
 (ceil on the fitted side), letterboxed with black (zeros, not the mean colour) and cut into ``crop``-sized
-tiles in raster order; each view then goes through steps 3-4.
+tiles in raster order (one reshape of the canvas, no per-view loop, when the tiles are whole crops); each
+view then goes through steps 3-4, all views normalised in one pass.
 
 This module imports neither torch nor transformers (tested in a subprocess).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -36,10 +50,15 @@ from PIL import Image
 from ..errors import ImageError, ModelLoadError
 from .anyres import select_best_resolution
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "ImageConfig", "default_image", "load_image", "preprocess"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "MAX_IMAGE_PIXELS", "ImageConfig", "check_image_size", "default_image",
+           "load_image", "preprocess"]
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+_MAX_SIDE = 8192
+#: Largest image accepted (width x height), checked from the file header before decoding.
+MAX_IMAGE_PIXELS = _MAX_SIDE * _MAX_SIDE
 
 # Where the bundled example image lives (added to the package by the lead; checked at call time).
 _EXAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "assets" / "example.png"
@@ -193,8 +212,26 @@ def _hf_crop(crop: Any) -> int:
     )
 
 
+def check_image_size(width: int, height: int, what: str) -> None:
+    """Refuse an image above :data:`MAX_IMAGE_PIXELS` (one ``error:`` line, before any pixel is decoded).
+
+    Raises:
+        ImageError: ``width * height > MAX_IMAGE_PIXELS``; says the size, the limit and what to do.
+    """
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageError(f"{what} is {width}x{height} ({width * height / 1e6:.1f} megapixels), {_LIMIT_ADVICE}")
+
+
+_LIMIT_ADVICE = (f"above edgeprune's limit of {MAX_IMAGE_PIXELS / 1e6:.1f} megapixels ({_MAX_SIDE}x{_MAX_SIDE}); "
+                 "the model sees at most a few 336-pixel views, so downscale it first (e.g. to 4096 pixels on the "
+                 "long side)")
+
+
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
     """Open and fully decode an image file as RGB (transparency composited onto white, as HF does).
+
+    The size is read from the header first (``Image.open`` is lazy) and an image above
+    :data:`MAX_IMAGE_PIXELS` is refused before it is decoded; Pillow's decompression-bomb warning is an error.
 
     Args:
         path: image file path.
@@ -204,7 +241,8 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
 
     Raises:
         ImageError: the path is missing or a directory, the data is not a readable image (unknown format,
-            corrupt or truncated), or the image has zero width or height. The message names the path.
+            corrupt or truncated), the image is above the size limit, or it has zero width or height. The
+            message names the path.
     """
     p = Path(path)
     if not p.exists():
@@ -212,10 +250,16 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     if p.is_dir():
         raise ImageError(f"image path {str(p)!r} is a directory, expected an image file")
     try:
-        with Image.open(p) as img:
-            img.load()  # Image.open is lazy: force decoding so truncated data fails here, not later.
-            rgb = _to_rgb(img)
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as img:
+                check_image_size(img.width, img.height, f"image {str(p)!r}")
+                img.load()  # Image.open is lazy: force decoding so truncated data fails here, not later.
+                rgb = _to_rgb(img, copy=True)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own check in Image.open (above 89.5 megapixels) fires before ours can.
+        raise ImageError(f"image {str(p)!r} is too large ({exc}): {_LIMIT_ADVICE}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # Pillow reports bad data through all of these (UnidentifiedImageError is an OSError).
         raise ImageError(
             f"cannot read image {str(p)!r}: {exc}. The file is corrupt, truncated or not an image; "
@@ -239,75 +283,98 @@ def default_image() -> Image.Image:
     return load_image(_EXAMPLE_IMAGE)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """HF ``convert_to_rgb``: composite any alpha/transparency onto white, then convert to RGB."""
+def _to_rgb(image: Image.Image, copy: bool = False) -> Image.Image:
+    """HF ``convert_to_rgb``: composite any alpha/transparency onto white, then convert to RGB.
+
+    An RGB image without transparency is returned as is unless ``copy`` (nothing here mutates it).
+    """
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode == "RGB" and not copy:
+        return image
     return image.convert("RGB")
 
 
-def _resize(pixels: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
-    """Pillow resize of an ``[H, W, 3]`` uint8 array to ``[height, width, 3]`` uint8."""
-    return np.asarray(Image.fromarray(pixels).resize((width, height), resample=resample))
+def _resize_shortest(image: Image.Image, cfg: ImageConfig) -> Image.Image:
+    """Resize so the shortest edge is ``cfg.size`` (long edge truncated, as HF/torchvision), in Pillow (uint8).
 
-
-def _resize_shortest(pixels: np.ndarray, cfg: ImageConfig) -> np.ndarray:
-    """Resize ``[H, W, 3]`` so the shortest edge is ``cfg.size`` (long edge truncated, as HF/torchvision)."""
-    h, w = pixels.shape[:2]
+    Pillow's resize to the same size is a copy (what HF's resize of the same array gives), so it is skipped.
+    """
+    w, h = image.size
     if cfg.resize_square:
-        return _resize(pixels, cfg.size, cfg.size, cfg.resample)
-    short, long = (w, h) if w <= h else (h, w)
-    new_long = int(cfg.size * long / short)
-    new_h, new_w = (new_long, cfg.size) if w <= h else (cfg.size, new_long)
-    return _resize(pixels, new_h, new_w, cfg.resample)
-
-
-def _center_crop(pixels: np.ndarray, side: int) -> np.ndarray:
-    """HF ``center_crop`` of ``[H, W, C]`` to ``[side, side, C]``: floor offsets, zero-pad if too small."""
-    h, w = pixels.shape[:2]
-    top, left = (h - side) // 2, (w - side) // 2
-    if top >= 0 and left >= 0:
-        return pixels[top : top + side, left : left + side]
-    new_h, new_w = max(side, h), max(side, w)
-    canvas = np.zeros((new_h, new_w) + pixels.shape[2:], dtype=pixels.dtype)
-    # HF centres the image in the padded canvas with ceil offsets, then crops with the shifted floor offsets.
-    top_pad, left_pad = math.ceil((new_h - h) / 2), math.ceil((new_w - w) / 2)
-    canvas[top_pad : top_pad + h, left_pad : left_pad + w] = pixels
-    top, left = top + top_pad, left + left_pad
-    return canvas[max(0, top) : min(new_h, top + side), max(0, left) : min(new_w, left + side)]
-
-
-def _finish_view(pixels: np.ndarray, cfg: ImageConfig) -> np.ndarray:
-    """Resize, crop, rescale, normalise one ``[H, W, 3]`` uint8 view into ``[3, crop, crop]`` float32."""
-    view = _center_crop(_resize_shortest(pixels, cfg), cfg.crop)
-    # Same precision path as HF: float64 multiply, cast to float32, then float32 normalisation.
-    scaled = (view.astype(np.float64) * cfg.rescale).astype(np.float32)
-    normed = (scaled - np.asarray(cfg.mean, dtype=np.float32)) / np.asarray(cfg.std, dtype=np.float32)
-    return np.ascontiguousarray(normed.transpose(2, 0, 1))
-
-
-def _pad_to_square(pixels: np.ndarray, mean: Sequence[float]) -> np.ndarray:
-    """LLaVA-1.5 pad-to-square: centre ``[H, W, 3]`` on a square of the mean colour (truncated to uint8)."""
-    h, w = pixels.shape[:2]
-    if h == w:
-        return pixels
-    side = max(h, w)
-    out = np.empty((side, side, 3), dtype=pixels.dtype)
-    out[...] = np.asarray([int(m * 255) for m in mean], dtype=pixels.dtype)
-    if w > h:
-        start = (side - h) // 2
-        out[start : start + h] = pixels
+        new_w = new_h = cfg.size
     else:
-        start = (side - w) // 2
-        out[:, start : start + w] = pixels
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(cfg.size * long / short)
+        new_w, new_h = (cfg.size, new_long) if w <= h else (new_long, cfg.size)
+    if (new_w, new_h) == (w, h):
+        return image  # what Pillow's resize would copy
+    return image.resize((new_w, new_h), resample=cfg.resample)
+
+
+def _center_crop(image: Image.Image, side: int) -> Image.Image:
+    """HF ``center_crop`` to ``side x side``: floor offsets, zero padding when the image is smaller.
+
+    HF pads a too-small side with ceil offsets and then crops with the shifted floor offsets; both reduce to
+    the offset ``(h - side) // 2`` per axis (negative when padding), which is what Pillow's ``crop`` does
+    with a box partly outside the image (filled with zeros).
+    """
+    w, h = image.size
+    if w == side and h == side:
+        return image
+    left, top = (w - side) // 2, (h - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def _pad_to_square(image: Image.Image, mean: Sequence[float]) -> Image.Image:
+    """LLaVA-1.5 pad-to-square: centre the image on a square of the mean colour (truncated to uint8)."""
+    w, h = image.size
+    if h == w:
+        return image
+    side = max(h, w)
+    out = Image.new("RGB", (side, side), tuple(int(m * 255) for m in mean))
+    out.paste(image, (0, (side - h) // 2) if w > h else ((side - w) // 2, 0))
     return out
 
 
-def _anyres_views(pixels: np.ndarray, cfg: ImageConfig) -> list[np.ndarray]:
-    """LLaVA-NeXT views of ``[H, W, 3]`` uint8: the squashed base view, then canvas crops in raster order."""
-    h, w = pixels.shape[:2]
+@functools.lru_cache(maxsize=16)
+def _lut(rescale: float, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """``[3, 256]`` float32: the normalised value of every uint8 level per channel, with HF's precision path.
+
+    HF rescales in float64, casts to float32 and normalises in float32; each output element depends only on
+    its uint8 input and channel, so a table of the same expressions over the 256 levels is bit-exact.
+    """
+    scaled = (np.arange(256, dtype=np.float64) * rescale).astype(np.float32)
+    table = (scaled[None, :] - np.asarray(mean, dtype=np.float32)[:, None]) / np.asarray(std, dtype=np.float32)[:, None]
+    table = np.ascontiguousarray(table, dtype=np.float32)
+    table.setflags(write=False)
+    return table
+
+
+def _normalise(views: np.ndarray, cfg: ImageConfig) -> np.ndarray:
+    """``[V, H, W, 3]`` uint8 -> ``[V, 3, H, W]`` float32 in one preallocated buffer (a table look-up per
+    channel: rescale, normalise and the HWC -> CHW transpose fused)."""
+    lut = _lut(float(cfg.rescale), cfg.mean, cfg.std)
+    out = np.empty((views.shape[0], 3, views.shape[1], views.shape[2]), dtype=np.float32)
+    for c in range(3):
+        np.take(lut[c], views[..., c], out=out[:, c], mode="clip")  # uint8 indices are always in range
+    return out
+
+
+def _view(image: Image.Image, cfg: ImageConfig) -> np.ndarray:
+    """Resize + centre-crop one view in Pillow: ``[crop, crop, 3]`` uint8."""
+    return np.asarray(_center_crop(_resize_shortest(image, cfg), cfg.crop))
+
+
+def _anyres_views(image: Image.Image, cfg: ImageConfig) -> np.ndarray:
+    """LLaVA-NeXT views ``[V, crop, crop, 3]`` uint8: the squashed base view, then canvas crops in raster order.
+
+    The canvas is cut into tiles with one reshape when they are whole crops that the per-view resize leaves
+    unchanged (every LLaVA-NeXT config); other pinpoints (partial tiles) resize each tile in Pillow.
+    """
+    w, h = image.size
     try:
         target_h, target_w = select_best_resolution((h, w), cfg.grid_pinpoints)
     except ValueError as exc:
@@ -317,17 +384,21 @@ def _anyres_views(pixels: np.ndarray, cfg: ImageConfig) -> list[np.ndarray]:
         new_h, new_w = min(math.ceil(h * (target_w / w)), target_h), target_w
     else:
         new_h, new_w = target_h, min(math.ceil(w * (target_h / h)), target_w)
-    resized = _resize(pixels, new_h, new_w, cfg.resample)
-    pad_y, rem_y = divmod(target_h - new_h, 2)
-    pad_x, rem_x = divmod(target_w - new_w, 2)
-    canvas = np.pad(resized, ((pad_y, pad_y + rem_y), (pad_x, pad_x + rem_x), (0, 0)))
-    tiles = [
-        canvas[i : i + cfg.crop, j : j + cfg.crop]
-        for i in range(0, target_h, cfg.crop)
-        for j in range(0, target_w, cfg.crop)
-    ]
-    base = _resize(pixels, cfg.size, cfg.size, cfg.resample)
-    return [base, *tiles]
+    resized = image.resize((new_w, new_h), resample=cfg.resample)
+    pad_x, pad_y = (target_w - new_w) // 2, (target_h - new_h) // 2  # the remainder goes right / bottom
+    canvas = resized.crop((-pad_x, -pad_y, target_w - pad_x, target_h - pad_y))  # black letterbox
+    c = cfg.crop
+    rows, cols = -(-target_h // c), -(-target_w // c)
+    views = np.empty((1 + rows * cols, c, c, 3), dtype=np.uint8)
+    views[0] = _view(image.resize((cfg.size, cfg.size), resample=cfg.resample), cfg)
+    if target_h % c == 0 and target_w % c == 0 and cfg.size == c:
+        grid = np.asarray(canvas).reshape(rows, c, cols, c, 3)
+        views[1:] = grid.transpose(0, 2, 1, 3, 4).reshape(rows * cols, c, c, 3)
+        return views
+    for t, (i, j) in enumerate((i, j) for i in range(0, target_h, c) for j in range(0, target_w, c)):
+        tile = canvas.crop((j, i, min(j + c, target_w), min(i + c, target_h)))  # edge tiles are partial
+        views[1 + t] = _view(tile, cfg)
+    return views
 
 
 def preprocess(image: Image.Image, cfg: ImageConfig) -> tuple[np.ndarray, tuple[int, int]]:
@@ -344,14 +415,16 @@ def preprocess(image: Image.Image, cfg: ImageConfig) -> tuple[np.ndarray, tuple[
         and the original ``(height, width)``.
 
     Raises:
-        ImageError: the image has zero width or height, or cannot be tiled onto any anyres canvas.
+        ImageError: the image has zero width or height, is above :data:`MAX_IMAGE_PIXELS`, or cannot be tiled
+            onto any anyres canvas.
     """
     if image.width == 0 or image.height == 0:
         raise ImageError(f"cannot preprocess an empty image (size {image.width}x{image.height})")
-    pixels = np.asarray(_to_rgb(image))
-    image_size = (int(pixels.shape[0]), int(pixels.shape[1]))
+    check_image_size(image.width, image.height, "the image")
+    rgb = _to_rgb(image)
+    image_size = (int(rgb.height), int(rgb.width))
     if cfg.anyres:
-        views = _anyres_views(pixels, cfg)
+        views = _anyres_views(rgb, cfg)
     else:
-        views = [_pad_to_square(pixels, cfg.mean) if cfg.do_pad else pixels]
-    return np.stack([_finish_view(v, cfg) for v in views]), image_size
+        views = _view(_pad_to_square(rgb, cfg.mean) if cfg.do_pad else rgb, cfg)[None]
+    return _normalise(views, cfg), image_size

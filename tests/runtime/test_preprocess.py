@@ -187,3 +187,110 @@ def test_runtime_modules_import_without_torch_or_transformers():
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------- more sizes, NeXT views, the size limit
+MORE_SIZES = [(337, 336), (336, 337), (335, 500), (672, 672), (448, 336), (1344, 1008), (2, 3), (4000, 30)]
+
+
+@pytest.mark.parametrize("wh", MORE_SIZES)
+def test_llava15_and_clip_more_sizes(wh):
+    image = _random_image(*wh, seed=wh[0] * 3 + wh[1])
+    for hf, cfg in [
+        (llava_pil.LlavaImageProcessorPil(size={"shortest_edge": 336}, crop_size=SQ336, do_pad=True),
+         ImageConfig(do_pad=True)),
+        (clip_pil.CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}),
+         ImageConfig(size=224, crop=224)),
+        (clip_pil.CLIPImageProcessorPil(size={"height": 336, "width": 336}, crop_size=SQ336),
+         ImageConfig(resize_square=True)),
+    ]:
+        _check_equal(_hf(hf, image)[None], preprocess(image, cfg)[0])
+
+
+@pytest.mark.parametrize("wh", MORE_SIZES + [(900, 1600), (1008, 336)])
+def test_llava_next_views_more_sizes(wh):
+    """Whole-crop canvases take the one-reshape tiling path; every view must equal HF's."""
+    image = _random_image(*wh, seed=wh[0] + 5 * wh[1])
+    hf = next_pil.LlavaNextImageProcessorPil(
+        size={"shortest_edge": 336}, crop_size=SQ336, image_grid_pinpoints=PINPOINTS
+    )
+    pixels, _ = preprocess(image, ImageConfig(grid_pinpoints=tuple(map(tuple, PINPOINTS))))
+    expected = _hf(hf, image)
+    assert pixels.shape[0] == expected.shape[0] >= 3  # base view + at least two crops
+    _check_equal(expected, pixels)
+
+
+def test_llava_next_per_tile_path_when_size_differs_from_crop():
+    """size != crop: every tile is resized on its own (the fallback path), still bit-exact."""
+    image = _random_image(700, 500, seed=9)
+    pins = [[448, 448], [448, 896], [896, 448]]
+    hf = next_pil.LlavaNextImageProcessorPil(size={"shortest_edge": 240}, crop_size={"height": 224, "width": 224},
+                                              image_grid_pinpoints=pins)
+    cfg = ImageConfig.from_hf_preprocessor_config(json_dict(hf))
+    assert cfg.size == 240 and cfg.crop == 224
+    _check_equal(_hf(hf, image), preprocess(image, cfg)[0])
+
+
+def test_preprocess_output_is_fresh_float32_and_input_untouched():
+    image = _random_image(336, 336, seed=4)
+    before = np.asarray(image).copy()
+    a, _ = preprocess(image, ImageConfig())
+    b, _ = preprocess(image, ImageConfig())
+    assert a.flags.c_contiguous and a.flags.writeable and not np.shares_memory(a, b)
+    np.testing.assert_array_equal(np.asarray(image), before)
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims ``width x height`` and that has no pixel data (tiny on disk)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("side", [8500, 10_000, 40_000])
+def test_image_size_limit_refused_before_decoding(tmp_path, side):
+    """Above MAX_IMAGE_PIXELS (ours, 8500²) or Pillow's bomb limits (10,000², 40,000²): one clean ImageError,
+    read from the header alone (the files hold no pixel data, so decoding would fail differently)."""
+    from edgeprune.runtime.preprocess import MAX_IMAGE_PIXELS
+
+    path = tmp_path / f"huge{side}.png"
+    _png_header_only(path, side, side)
+    assert side * side > MAX_IMAGE_PIXELS
+    with pytest.raises(ImageError, match="megapixels") as info:
+        load_image(path)
+    assert str(path.name) in str(info.value) and "downscale" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_image_size_limit_in_memory_and_at_the_limit(tmp_path, monkeypatch):
+    import edgeprune.runtime.preprocess as P
+
+    monkeypatch.setattr(P, "MAX_IMAGE_PIXELS", 100 * 100)
+    with pytest.raises(ImageError, match="megapixels"):
+        preprocess(_random_image(101, 100, seed=0), ImageConfig())
+    assert preprocess(_random_image(100, 100, seed=0), ImageConfig())[0].shape == (1, 3, 336, 336)
+    # A truncated file above the limit fails on the limit, i.e. before its pixels are decoded.
+    good = tmp_path / "big.png"
+    _random_image(200, 200, seed=2).save(good)
+    cut = tmp_path / "big-truncated.png"
+    cut.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(ImageError, match="megapixels"):
+        load_image(cut)
+
+
+def test_decompression_bomb_warning_is_an_error(tmp_path, monkeypatch):
+    """Pillow's DecompressionBombWarning (between its two limits) becomes an ImageError, not a warning."""
+    import warnings
+
+    path = tmp_path / "bomb.png"
+    _random_image(64, 64, seed=1).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 - 1)  # warn, below 2x: no DecompressionBombError
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the test must not depend on the caller's warning filters
+        with pytest.raises(ImageError, match="too large"):
+            load_image(path)
