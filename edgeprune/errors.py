@@ -57,3 +57,11 @@ class ModelLoadError(EdgepruneError):
 
 class BackendError(EdgepruneError):
     """A runtime backend is unknown, unavailable, or was given inputs that do not match its graph spec."""
+
+
+class ExportError(EdgepruneError):
+    """An export cannot be done as asked (unsupported method/model/opset, existing output, failed validation)."""
+
+
+class BundleError(ModelLoadError):
+    """A bundle is missing, incomplete, corrupt, unsafe, or from an unknown format version (CLI exit code 2)."""

@@ -120,7 +120,7 @@ def check_options(o: BenchOptions) -> None:
             raise EdgepruneError(f"{name} must be >= {low}; got {value}")
     if "ort" in o.backends:
         from ..export.exporter import MAX_OPSET, MIN_OPSET
-        from ..export.ort_variant import ORT_DECODER_CHOICES
+        from ..bundle.format import ORT_DECODER_CHOICES
 
         if not MIN_OPSET <= o.opset <= MAX_OPSET:
             raise EdgepruneError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}; got {o.opset}")

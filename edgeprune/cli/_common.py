@@ -50,7 +50,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 def add_ort_args(p: argparse.ArgumentParser, providers_default: str | None = "cpu",
                  providers_help: str = "default: %(default)s") -> None:
     """``--providers`` and ``--ort-decoder`` of the ort backend."""
-    from ..export.ort_variant import ORT_DECODER_CHOICES
+    from ..bundle.format import ORT_DECODER_CHOICES
 
     g = p.add_argument_group("onnx runtime")
     g.add_argument("--providers", default=providers_default, help="ONNX Runtime execution providers in priority "

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import EdgepruneError
-from ..export.spec import GraphSpec
+from ..bundle.spec import GraphSpec
 from .capability import NATIVE_TOPK_MAX_K, TrtFlavour, detect, onnx_topk_ks
 
 Shape = tuple[int, ...]
@@ -113,7 +113,7 @@ def symbol_bounds(manifest: Mapping[str, Any], max_batch: int = 1) -> dict[str, 
     """(min, opt, max) of every symbolic dimension, per graph and profile (see the module docstring).
 
     Args:
-        manifest: a bundle manifest (:mod:`edgeprune.export.manifest`).
+        manifest: a bundle manifest (:mod:`edgeprune.bundle`).
         max_batch: the largest batch an engine accepts (the pipeline runs batch 1).
     Returns:
         graph name -> one bounds dict per optimisation profile.
@@ -334,7 +334,7 @@ def build_bundle_engines(bundle: str | os.PathLike[str], out_dir: str | os.PathL
     Raises:
         BundleError, EngineBuildError, MissingDependencyError.
     """
-    from ..runtime.bundle import open_bundle
+    from ..bundle import open_bundle
 
     opened = open_bundle(bundle)
     fl = flavour if isinstance(flavour, TrtFlavour) else detect(flavour)

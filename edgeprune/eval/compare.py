@@ -435,7 +435,7 @@ def compare_bundle(bundle: str | Path, backends: str | Sequence[str] = "torch,or
     """
     from ..methods.base import Budget
     from ..runtime.backend import InLLMRequest
-    from ..runtime.bundle import open_bundle
+    from ..bundle import open_bundle
     from ..runtime.pipeline import position_ids
     from ..runtime.preprocess import default_image
     from ..runtime.prompt import check_context

@@ -44,9 +44,12 @@ from .._deps import require
 from ..methods.base import Budget
 from ..methods.registry import build_method
 from . import graphs as G
-from .manifest import CLIP_TOKENIZER_DIR, MANIFEST, NEWLINE_FILE, TOKENIZER_FILE, ExportError, write_manifest
+from ..bundle.format import CLIP_TOKENIZER_DIR, MANIFEST, NEWLINE_FILE, TOKENIZER_FILE
+from ..bundle.manifest import write_manifest
+from ..bundle.spec import GraphSpec
+from ..errors import ExportError
 from .ort_variant import VARIANT, VARIANT_OPSET, llm_attention, share_external_data, variant_file
-from .spec import GraphSpec
+from .spec import dynamic_shapes
 
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 MIN_OPSET, MAX_OPSET = 18, 23
@@ -230,7 +233,7 @@ def export_graph(job: GraphJob, path: Path, opset: int) -> None:
             program = torch.onnx.export(
                 job.module.eval(), args, dynamo=True, opset_version=opset, input_names=job.spec.input_names,
                 output_names=job.spec.output_names, verbose=False,
-                dynamic_shapes=job.spec.dynamic_shapes(job.var_inputs, job.mins, job.maxs))
+                dynamic_shapes=dynamic_shapes(job.spec, job.var_inputs, job.mins, job.maxs))
             program.save(str(path), external_data=True)
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types; re-raised typed with the log
         first = (str(exc).strip().splitlines() or [""])[0]
@@ -378,7 +381,7 @@ def _export_variant(job: GraphJob, tmp: Path, sdtype: str) -> dict[str, Any]:
 def _reuse(source: str | os.PathLike[str], jobs: list[GraphJob], fingerprint: str, dtype: str, opset: int,
            tmp: Path) -> dict[str, dict[str, Any]]:
     """Copy (hard-link when possible) the model graphs of ``source`` into ``tmp`` after checking they match."""
-    from ..runtime.bundle import open_bundle
+    from ..bundle import open_bundle
 
     bundle = open_bundle(source)
     m = bundle.manifest

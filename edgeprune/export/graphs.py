@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 
 from .._deps import require
-from ..errors import BudgetError
+from ..bundle.format import TOKENIZER_FILE
+from ..errors import BudgetError, ExportError
 from ..methods.base import Budget, PruningMethod, TokenLayout, VisualTokens
-from .manifest import ExportError, TOKENIZER_FILE
 from .spec import decoder_spec, embed_spec, prune_spec, vision_spec
 
 # Methods with an ONNX lowering: the baselines (prune graph of standard ops), GridPrune / G-Prune (prune graph

@@ -33,7 +33,7 @@ import numpy as np
 
 from .lower_gridprune import EPS
 from .onnx_builder import Builder, make_function, make_model, plugin_attributes, value_info
-from .spec import GraphSpec, TensorSpec
+from ..bundle.spec import GraphSpec, TensorSpec
 
 OP = "GraphRank"
 MASKED_LOGIT = -5000.0  # gprune_fn.MASKED_LOGIT

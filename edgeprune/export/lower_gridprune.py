@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from .onnx_builder import Builder, make_function, make_model, plugin_attributes, value_info
-from .spec import GraphSpec, TensorSpec
+from ..bundle.spec import GraphSpec, TensorSpec
 
 OP = "ZonalTopK"
 EPS = 1e-12  # F.normalize's and min_max_normalize's eps

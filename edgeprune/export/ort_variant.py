@@ -32,16 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .._deps import require
-
-VARIANT = "ort"  # the manifest key of the variant: graphs.<name>.variants.ort
-VARIANT_OPSET = 23  # the first opset with the fused Attention op
-# --ort-decoder: which file of a graph with a variant ONNX Runtime runs (edgeprune.runtime.ort_backend).
-ORT_DECODER_CHOICES = ("auto", "fused", "portable")
-
-
-def variant_file(name: str) -> str:
-    """``decoder`` -> ``decoder.ort.onnx``."""
-    return f"{name}.{VARIANT}.onnx"
+from ..bundle.format import ORT_DECODER_CHOICES, VARIANT, VARIANT_OPSET, variant_file  # the format's names
 
 
 @contextlib.contextmanager

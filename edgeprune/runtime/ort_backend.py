@@ -27,11 +27,11 @@ import numpy as np
 
 from .._deps import require
 from ..errors import BackendError
-from ..export.spec import DTYPES
+from ..bundle import Bundle, BundleError, GraphEntry, open_bundle
+from ..bundle.format import ORT_DECODER_CHOICES, VARIANT, VARIANT_OPSET
+from ..bundle.spec import DTYPES
 from .anyres import assembly_order, pack_layout
 from .backend import Backend
-from ..export.ort_variant import ORT_DECODER_CHOICES, VARIANT, VARIANT_OPSET
-from .bundle import Bundle, BundleError, GraphEntry, open_bundle
 from .ort_inllm import RaggedSession, run_decoder_bound
 from .ort_methods import Guidance, prune_feeds
 from .preprocess import ImageConfig
@@ -208,7 +208,7 @@ class OrtBackend(Backend):
     """:class:`~edgeprune.runtime.backend.Backend` over a bundle (see module docstring).
 
     Args:
-        bundle: the bundle directory or an opened :class:`~edgeprune.runtime.bundle.Bundle`.
+        bundle: the bundle directory or an opened :class:`~edgeprune.bundle.Bundle`.
         providers: short provider names (``cpu``, ``cuda``, ``tensorrt``) in priority order.
         verify: hash every file of the bundle before loading it (reads the whole bundle once: seconds for a 7B
             model; pass False only for a bundle verified moments ago).
@@ -216,7 +216,7 @@ class OrtBackend(Backend):
             (:func:`choose_graph_file`). With ``auto``, a variant this onnxruntime cannot load falls back to the
             portable graph (logged).
     Raises:
-        BundleError: see :func:`~edgeprune.runtime.bundle.open_bundle`. BackendError: unavailable providers,
+        BundleError: see :func:`~edgeprune.bundle.open_bundle`. BackendError: unavailable providers,
             ``fused`` for a bundle without a fused-attention decoder.
     """
 

@@ -169,7 +169,7 @@ def test_synth_question_exact_length(tiny_llava):
 def test_export_refusal_is_recorded_not_fatal(monkeypatch, tmp_path, tiny_llava):
     from edgeprune.bench import runner
     from edgeprune.export import exporter
-    from edgeprune.export.manifest import ExportError
+    from edgeprune.errors import ExportError
     from edgeprune.methods.base import Budget
 
     def refuse(*args, **kwargs):

@@ -13,7 +13,7 @@ from edgeprune._deps import available
 from edgeprune.cli import main
 from edgeprune.eval import compare as C
 from edgeprune.export.exporter import export_bundle
-from edgeprune.export.manifest import MANIFEST
+from edgeprune.bundle.format import MANIFEST
 from edgeprune.runtime.ort_backend import OrtBackend
 
 PROMPT = "What does the sign say?"

@@ -20,8 +20,9 @@ from edgeprune.engines import capability as cap
 from edgeprune.engines.rtx import (EngineBuildError, build_bundle_engines, build_engine, bundle_profiles, deserialize,
                                    engine_io, make_builder, profile_ranges, symbol_bounds)
 from edgeprune.export.graphs import LOWERED
-from edgeprune.export.manifest import MANIFEST
-from edgeprune.export.spec import GraphSpec, TensorSpec, decoder_spec, prune_spec
+from edgeprune.bundle.format import MANIFEST
+from edgeprune.bundle.spec import GraphSpec, TensorSpec
+from edgeprune.export.spec import decoder_spec, prune_spec
 from edgeprune.methods.registry import get_method_class
 
 # case -> (method, K, method args). The baselines use the ORT backend tests' budgets and directories, so a full

@@ -16,8 +16,10 @@ import torch
 from edgeprune.errors import BudgetError, MethodArgumentError
 from edgeprune.export import graphs as G
 from edgeprune.export.exporter import GraphJob, export_bundle, export_graph
-from edgeprune.export.manifest import FORMAT_VERSION, MANIFEST, ExportError, sha256_file
-from edgeprune.export.spec import GraphSpec, prune_spec
+from edgeprune.bundle.format import FORMAT_VERSION, MANIFEST, sha256_file
+from edgeprune.bundle.spec import GraphSpec
+from edgeprune.errors import ExportError
+from edgeprune.export.spec import prune_spec
 from edgeprune.export.wrappers import PruneGraph, stable_topk_lowering, uniform_indices_lowering
 from edgeprune.methods import functional as F
 from edgeprune.methods.fitprune_recipe import Recipe, save_recipe

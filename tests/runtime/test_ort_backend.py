@@ -23,8 +23,8 @@ from edgeprune.methods.base import Budget
 from edgeprune.methods.fitprune_recipe import Recipe, save_recipe
 from edgeprune.runtime.backend import InLLMRequest
 from edgeprune.export.exporter import export_bundle
-from edgeprune.export.manifest import MANIFEST
-from edgeprune.runtime.bundle import BundleError, open_bundle
+from edgeprune.bundle import BundleError, open_bundle
+from edgeprune.bundle.format import MANIFEST
 from edgeprune.runtime.ort_backend import OrtBackend, TokenizersCodec, build_ort_pipeline, resolve_providers
 from edgeprune.runtime.pipeline import position_ids
 from edgeprune.runtime.preprocess import default_image, preprocess
@@ -147,7 +147,7 @@ def test_both_decoder_files_match_torch(decoder, file, bundles, tiny_llava, rgb_
 
 def test_decoder_choice_by_provider_and_fallbacks(bundles, tmp_path, caplog, capsys):
     from edgeprune.cli import main
-    from edgeprune.export.manifest import sha256_file
+    from edgeprune.bundle.format import sha256_file
     from edgeprune.runtime.ort_backend import choose_graph_file
 
     entry = open_bundle(bundles["cls-topk"]).graphs["decoder"]

@@ -1,4 +1,4 @@
-"""Open and verify an exported bundle (format: :mod:`edgeprune.export.manifest`), torch-free.
+"""Open and verify a bundle (format: :mod:`edgeprune.bundle.format`), torch-free: the runtime's only way in.
 
 The runtime refuses a bundle it cannot trust, with a message that says which file and what to do: no
 ``manifest.json``, an unknown format version, a missing file, a file whose sha256 differs from the manifest, or
@@ -12,16 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import BackendError, ModelLoadError
-from ..export.manifest import FORMAT, FORMAT_VERSION, MANIFEST, REQUIRED, sha256_file
-from ..export.spec import GraphSpec
-
-
-class BundleError(ModelLoadError):
-    """A bundle is missing, incomplete, corrupt, or from an unknown format version (CLI exit code 2)."""
-
-
-_REEXPORT = "re-export it with `edgeprune export ... --force`"
+from ..errors import BackendError, BundleError
+from .format import FORMAT, FORMAT_VERSION, MANIFEST, REEXPORT as _REEXPORT, REQUIRED, sha256_file
+from .spec import GraphSpec
 
 
 @dataclass(frozen=True)
@@ -30,7 +23,7 @@ class GraphEntry:
 
     Attributes:
         variants: other ONNX files of the same graph (same spec and weights), by consumer: ``ort`` is the
-            decoder with fused attention (:mod:`edgeprune.export.ort_variant`).
+            decoder with fused attention (:mod:`edgeprune.export.ort_variant` writes it).
     """
 
     name: str
