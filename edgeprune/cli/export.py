@@ -32,17 +32,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     o.add_argument("--reuse", metavar="DIR", help="copy the vision/embed/decoder graphs of a bundle of the same "
                    "model, dtype and opset instead of exporting them again (budget sweeps)")
+    q = p.add_argument_group("weight-only quantization (LLM graphs; see docs/quantization.md)")
+    q.add_argument("--weights", metavar="int4|int8",
+                   help="store the decoder's (and FastV/FitPrune prefill's) weights in 4 or 8 bits with ONNX "
+                        "Runtime's MatMulNBits (ONNX Runtime only, not TensorRT); vision/prune/embed stay --dtype")
+    q.add_argument("--block-size", type=int, metavar="32|64|128", help="weights per scale (default: 32)")
+    q.add_argument("--quant-method", metavar="rtn|hqq",
+                   help="rtn: round-to-nearest (default); hqq: half-quadratic, int4 only; awq is not available")
+    q.add_argument("--quant-accuracy-level", type=int, metavar="0-4",
+                   help="MatMulNBits compute type: 4 int8 (default, the fast CPU kernels), 1 fp32, 0 unset")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     from ..export.exporter import export_bundle  # torch and transformers only when the command runs
+    from ..export.quantize import weight_config
     from ..methods.base import parse_method_args
+
+    weights = weight_config(args.weights, args.block_size, args.quant_method, args.dtype, args.quant_accuracy_level)
 
     manifest = export_bundle(args.model, args.method, out_dir=args.out, tokens=args.tokens, ratio=args.ratio,
                              method_args=parse_method_args(args.method_arg), opset=args.opset, dtype=args.dtype,
                              force=args.force, reuse_from=args.reuse, random_weights=args.random_weights,
-                             clip=args.clip, ort_variant=args.ort_variant)
+                             clip=args.clip, ort_variant=args.ort_variant, weights=weights)
     m = manifest["method"]
     budget = "the recipe's budget" if m["name"] == "fitprune" else ("all tokens" if m["k"] is None else f"K = {m['k']}")
     graphs = ", ".join(f"{name} ({e['max_abs_err']:.1e})" + "".join(
@@ -51,5 +63,13 @@ def main(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {manifest['model']['name']} {m['name']} {budget}, opset {manifest['opset']}, "
           f"{manifest['model']['dtype']}")
     print(f"graphs (max |ORT - torch|): {graphs}")
+    for name, e in manifest["graphs"].items():
+        if e.get("weights"):  # quantized: not exact; the error and agreement against fp32 PyTorch
+            w = e["weights"]
+            for file, c in w["check"].items():
+                print(f"{file}: {w['scheme']} weights ({w['method']}, block {w['block_size']}), "
+                      f"{w['fp32_weight_bytes'] / 1e6:.1f} -> {w['weight_bytes'] / 1e6:.1f} MB; logits vs fp32 "
+                      f"torch: max err {c['logits_max_abs_err']:.2e} ({c['logits_rel_err']:.1%} of max(1, |ref|), "
+                      f"bound {c['bound']:.0%}), next-token agreement {c['agree']}/{c['positions']}")
     print(f"run it: edgeprune run --bundle {args.out} --backend ort --image IMAGE --prompt '...'")
     return 0

@@ -44,6 +44,7 @@ from .._deps import require
 from ..methods.base import Budget
 from ..methods.registry import build_method
 from . import graphs as G
+from . import quantize as Q
 from ..bundle.format import CLIP_TOKENIZER_DIR, MANIFEST, NEWLINE_FILE, TOKENIZER_FILE
 from ..bundle.manifest import write_manifest
 from ..bundle.spec import GraphSpec
@@ -91,7 +92,7 @@ def export_bundle(model: Any, method: str = "none", *, out_dir: str | os.PathLik
                   ratio: float | None = None, method_args: Mapping[str, str] | None = None, opset: int = 18,
                   dtype: str = "fp32", force: bool = False, reuse_from: str | os.PathLike[str] | None = None,
                   random_weights: bool = False, clip: Any = None, ort_variant: bool = True,
-                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  weights: Q.WeightConfig | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Export ``model`` with ``method`` into the bundle directory ``out_dir``.
 
     Args:
@@ -113,6 +114,8 @@ def export_bundle(model: Any, method: str = "none", *, out_dir: str | os.PathLik
         ort_variant: below opset 23, also write ``decoder.ort.onnx`` (and ``prefill.ort.onnx`` for FastV /
             FitPrune): the LLM graphs at opset 23 with ONNX Runtime's fused Attention op, sharing the weights of
             the portable graphs; see :mod:`~edgeprune.export.ort_variant`.
+        weights: weight-only INT4/INT8 for the LLM graphs (``--weights``, :func:`~edgeprune.export.quantize.
+            weight_config`); None keeps them at ``dtype``. See :mod:`~edgeprune.export.quantize`.
         log: progress sink (default: stderr, through tqdm when installed).
     Returns:
         The manifest as written.
@@ -125,6 +128,7 @@ def export_bundle(model: Any, method: str = "none", *, out_dir: str | os.PathLik
     prune = build_method(method, method_args)
     G.check_lowerable(prune)
     sdtype = _check_options(opset, dtype)
+    weights = Q.checked(weights, dtype)
     out = Path(out_dir)
     _check_out_dir(out, force)
     loaded = _load(model, dtype, random_weights)
@@ -136,12 +140,12 @@ def export_bundle(model: Any, method: str = "none", *, out_dir: str | os.PathLik
         fingerprint = model_fingerprint(loaded.model)
         clip_fp = None if plan.clip is None else model_fingerprint(plan.clip.model)
         jobs = G.graph_jobs(loaded, plan, sdtype, prune, clip_fp)
-        reused = _reuse(reuse_from, jobs, fingerprint, dtype, opset, tmp) if reuse_from else {}
+        reused = _reuse(reuse_from, jobs, fingerprint, dtype, opset, tmp, weights) if reuse_from else {}
         with _progress(len(jobs), log) as report:
-            entries = _export_all(jobs, reused, tmp, opset, sdtype, report, ort_variant)
+            entries = _export_all(jobs, reused, tmp, opset, sdtype, report, ort_variant, weights)
         host = _write_host_files(loaded, tmp, plan, clip_fp)
-        manifest = write_manifest(tmp, G.manifest_sections(loaded, prune, plan, entries, host, fingerprint,
-                                                           dtype, opset))
+        manifest = write_manifest(tmp, {**G.manifest_sections(loaded, prune, plan, entries, host, fingerprint,
+                                                              dtype, opset), **Q.manifest_section(weights, entries)})
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -328,7 +332,8 @@ def validate_graph(job: GraphJob, path: Path, tolerance: float) -> float:
 
 
 def _export_all(jobs: list[GraphJob], reused: dict[str, dict[str, Any]], tmp: Path, opset: int, sdtype: str,
-                log: Callable[[str], None], ort_variant: bool = True) -> dict[str, dict[str, Any]]:
+                log: Callable[[str], None], ort_variant: bool = True,
+                weights: Q.WeightConfig | None = None) -> dict[str, dict[str, Any]]:
     entries: dict[str, dict[str, Any]] = {}
     for i, job in enumerate(jobs, 1):
         if job.name in reused:
@@ -355,6 +360,8 @@ def _export_all(jobs: list[GraphJob], reused: dict[str, dict[str, Any]], tmp: Pa
                 entry["variants"] = {VARIANT: variant}
                 entry["files"] = sorted({*files, variant["file"], *variant["data_files"]})
                 note = f"; {variant['file']} (opset {VARIANT_OPSET}) {variant['max_abs_err']:.2e}"
+        if weights is not None and job.llm is not None:  # --weights: int4/int8 LLM graphs, checked vs fp32
+            note += Q.quantize_graph(job, tmp, entry, weights)
         entry["export_seconds"] = seconds = round(time.perf_counter() - start, 2)
         entries[job.name] = entry
         log(f"[{i}/{len(jobs)}] {job.name}: exported in {seconds:.1f} s, max |ORT - torch| = {err:.2e}{note}")
@@ -379,7 +386,7 @@ def _export_variant(job: GraphJob, tmp: Path, sdtype: str) -> dict[str, Any]:
 
 
 def _reuse(source: str | os.PathLike[str], jobs: list[GraphJob], fingerprint: str, dtype: str, opset: int,
-           tmp: Path) -> dict[str, dict[str, Any]]:
+           tmp: Path, weights: Q.WeightConfig | None = None) -> dict[str, dict[str, Any]]:
     """Copy (hard-link when possible) the model graphs of ``source`` into ``tmp`` after checking they match."""
     from ..bundle import open_bundle
 
@@ -396,7 +403,8 @@ def _reuse(source: str | os.PathLike[str], jobs: list[GraphJob], fingerprint: st
         entry = m["graphs"].get(job.name)
         # prune and prefill graphs bake the method in; CLIP-dependent graphs must come from the same CLIP
         if job.name in NEVER_REUSED or entry is None or entry.get("spec") != job.spec.to_dict() \
-                or entry.get("clip_fingerprint") != job.meta.get("clip_fingerprint"):
+                or entry.get("clip_fingerprint") != job.meta.get("clip_fingerprint") \
+                or not Q.same_weights(entry, weights, job.llm is not None):
             continue
         for name in entry["files"]:
             try:
