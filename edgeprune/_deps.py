@@ -23,6 +23,7 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     "matplotlib": ("viz", "pip install -e '.[viz]'"),
     "polygraphy": ("eval", "pip install -e '.[eval]'"),
     "tensorrt_rtx_bindings": ("", "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings"),
+    "cuda": ("trt", "pip install cuda-python"),
 }
 
 

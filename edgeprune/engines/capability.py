@@ -8,22 +8,34 @@ Two flavours share the TensorRT 10.x builder API (``Builder``, ``OnnxParser``, `
   ahead-of-time (PTX) implementations from 10.9 (DEPLOYMENT.md §1).
 - ``tensorrt-rtx``: TensorRT for RTX (PyPI ``tensorrt-rtx-cu13-libs`` + ``-bindings``, module
   ``tensorrt_rtx_bindings``). Parses ONNX and builds engines on a CPU-only machine (ahead-of-time for
-  sm_80/86/89/120 by default), so it is the build smoke test here. Its network definition has no plugin API:
-  ``edgeprune``-domain nodes are built from their ONNX local-function bodies (standard ops), which its parser
-  inlines. Deserialising an engine needs a CUDA driver.
+  sm_80/86/89/120 by default), so it is the build smoke test here. Its network definition has no
+  ``add_plugin*``, but its ONNX parser maps ``edgeprune``-domain nodes to registered Python ``IPluginV3``
+  creators (:mod:`edgeprune.engines.plugins`); without them it inlines the nodes' ONNX local-function bodies
+  (standard ops). Deserialising an engine needs a CUDA driver.
 
-House rule 7: a path is never chosen silently; :func:`prune_path` says why it picked plugin or standard ops.
+House rule 7: a path is never chosen silently; :func:`prune_path` says why it picked plugin or standard ops, and
+:func:`choose_plugin_modes` which plugin flavour (``aot``, ``ipluginv3`` or ``none``) each fused op gets and why.
+
+TensorRT for RTX's ONNX parser and plugins: the parser ``dlopen``\ s ``libtensorrt_rtx.so`` when it meets a
+plugin node, but the ``tensorrt-rtx-cu13-libs`` wheel ships only ``libtensorrt_rtx.so.1``. The failed
+``dlopen`` throws inside a ``noexcept`` function, which aborts the whole process (``terminate called without an
+active exception``), so :func:`ensure_rtx_parser_libs` must run before a graph with plugin nodes is parsed: it
+creates the missing ``libtensorrt_rtx.so -> libtensorrt_rtx.so.1`` symlink next to the library (the parser's
+RPATH is ``$ORIGIN``, so that folder is where it looks). Observed with TensorRT for RTX 1.7.1 (DEPLOYMENT.md §1).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Iterable, Mapping
 
-from ..errors import MissingDependencyError
+from ..errors import EdgepruneError, MissingDependencyError
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +107,7 @@ def _describe(name: str, trt: ModuleType) -> TrtFlavour:
     notes = []
     plugin_api = hasattr(getattr(trt, "INetworkDefinition", None), "add_plugin_v3")
     notes.append("network plugin API: " + ("add_plugin_v3" if plugin_api else
-                                           "none (plugin nodes build from their ONNX local-function bodies)"))
+                                           "none (the ONNX parser still maps registered plugin creators)"))
     python_plugins = False
     if name == "tensorrt":
         try:
@@ -208,3 +220,131 @@ def onnx_topk_ks(onnx_path: str) -> list[tuple[str, int | None]]:
             k = int(numpy_helper.to_array(tensor).reshape(-1)[0])
         out.append((node.name, k))
     return out
+
+
+# ------------------------------------------------------------------------------------------ plugin modes
+PLUGIN_MODES = ("auto", "ipluginv3", "aot", "none")
+# Fused ops whose launch sequence fits one AOT (tensorrt.plugin) kernel after the graph rewrite of
+# plugins.onnx_modes; GraphRank does not (see edgeprune/engines/plugins/aot.py).
+AOT_CAPABLE_OPS = ("ZonalTopK",)
+
+
+class PluginModeError(EdgepruneError):
+    """The requested plugin mode cannot be used with this TensorRT; the message says what to choose instead."""
+
+
+def python_v3_plugins(flavour: TrtFlavour) -> tuple[bool, str]:
+    """Whether ``flavour``'s plugin registry takes Python ``IPluginV3`` creators, and why (not)."""
+    trt = flavour.module
+    missing = [n for n in ("IPluginV3", "IPluginV3OneCore", "IPluginV3OneBuild", "IPluginV3OneRuntime",
+                           "IPluginCreatorV3One", "get_plugin_registry") if not hasattr(trt, n)]
+    if missing:
+        return False, f"{flavour.name} {flavour.version} has no {', '.join(missing)}"
+    return True, f"{flavour.name} {flavour.version} registers Python IPluginV3 creators"
+
+
+def choose_plugin_modes(flavour: TrtFlavour, requested: str,
+                        ops: Mapping[str, Mapping[str, Any]] | Iterable[str]) -> dict[str, tuple[str, str]]:
+    """Pick the plugin flavour of every fused op and say why (house rule 7; each choice is logged).
+
+    ``auto``: ZonalTopK gets ``aot`` on TensorRT >= 10.9 with ``tensorrt.plugin`` (the kernel rides in the
+    plan), else ``ipluginv3`` where the registry takes Python V3 creators (the loading process must register
+    them: :func:`edgeprune.engines.plugins.register_plugins`), else ``none`` (the ONNX function body, standard
+    ops). GraphRank never gets ``aot`` (its launch sequence needs a workspace and grid-wide barriers, see
+    ``plugins/aot.py``): ``ipluginv3`` where possible, else ``none``. ``aot``: ZonalTopK must get it (else
+    :class:`PluginModeError`); GraphRank then gets ``none`` so the plan still runs without Python.
+    ``ipluginv3``: every op gets it (else :class:`PluginModeError`). ``none``: every op runs its body.
+    A node the plugin cannot take (:func:`~edgeprune.engines.plugins.contract.unsupported_reason`, e.g.
+    GraphRank over two groups) gets ``none`` in every mode.
+
+    Args:
+        flavour: the TensorRT in use (:func:`detect`).
+        requested: one of :data:`PLUGIN_MODES`.
+        ops: the fused ops of the graph, as {op: node attributes} (checked for support) or op names.
+    Returns:
+        {op: (mode, reason)} with mode in ``aot``/``ipluginv3``/``none``.
+    Raises:
+        PluginModeError: an unknown mode, or ``aot``/``ipluginv3`` requested where this TensorRT cannot.
+    """
+    from .plugins.contract import OPS, unsupported_reason
+
+    if requested not in PLUGIN_MODES:
+        raise PluginModeError(f"unknown plugin mode {requested!r}; choose one of {', '.join(PLUGIN_MODES)}")
+    attrs = dict(ops) if isinstance(ops, Mapping) else {op: None for op in ops}
+    v3_ok, v3_why = python_v3_plugins(flavour)
+    aot_why = (f"{flavour.name} {flavour.version} runs Python AOT plugins (PTX inside the plan, no Python at run "
+               "time)" if flavour.aot_plugins else
+               f"{flavour.name} {flavour.version} has no AOT Python plugins (needs TensorRT >= 10.9 with "
+               "tensorrt.plugin)")
+    out: dict[str, tuple[str, str]] = {}
+    for op, node_attrs in attrs.items():
+        if op not in OPS:
+            raise PluginModeError(f"no plugin exists for op {op!r}; known: {', '.join(OPS)}")
+        why_not = unsupported_reason(op, node_attrs) if node_attrs is not None else None
+        if requested == "none":
+            choice = ("none", "--plugins none: the ONNX function body (standard ops)")
+        elif why_not:
+            choice = ("none", why_not)
+        elif requested == "aot":
+            if op in AOT_CAPABLE_OPS:
+                if not flavour.aot_plugins:
+                    raise PluginModeError(f"--plugins aot: {aot_why}; use --plugins ipluginv3 or auto")
+                choice = ("aot", aot_why)
+            else:
+                choice = ("none", f"{op} cannot be one AOT kernel (multi-launch sequence with a workspace); "
+                                  "the function body keeps the plan free of Python plugins")
+        elif requested == "ipluginv3":
+            if not v3_ok:
+                raise PluginModeError(f"--plugins ipluginv3: {v3_why}; use --plugins auto or none")
+            choice = ("ipluginv3", v3_why + "; the loading process must register the creators")
+        elif op in AOT_CAPABLE_OPS and flavour.aot_plugins:
+            choice = ("aot", aot_why)
+        elif v3_ok:
+            prefix = "" if op in AOT_CAPABLE_OPS else f"{op} has no AOT form; "
+            choice = ("ipluginv3", prefix + (aot_why + "; " if op in AOT_CAPABLE_OPS else "") + v3_why)
+        else:
+            choice = ("none", f"{v3_why} and {aot_why}: the ONNX function body (standard ops)")
+        log.info("plugin mode for %s: %s (%s)", op, choice[0], choice[1])
+        out[op] = choice
+    return out
+
+
+# ------------------------------------------------------------------------------- RTX parser library fix
+def ensure_rtx_parser_libs(libs_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """Create ``libtensorrt_rtx.so -> libtensorrt_rtx.so.<N>`` in the TensorRT-for-RTX wheel's library folder.
+
+    Why: the RTX ONNX parser ``dlopen``\ s the unversioned name when it parses a plugin node; the wheel ships
+    only the versioned file, and the failed load aborts the process (see the module docstring). Call this
+    before parsing any graph with ``edgeprune`` plugin nodes under TensorRT for RTX; it is idempotent and safe
+    when several processes race (an existing link is kept).
+
+    Args:
+        libs_dir: the folder holding ``libtensorrt_rtx.so.*`` (default: the installed ``tensorrt_rtx_libs``).
+    Returns:
+        The path of the (existing or new) ``libtensorrt_rtx.so``, or None when TensorRT for RTX's library wheel
+        is not installed (nothing to fix; full TensorRT needs no link).
+    Raises:
+        PluginModeError: the folder has no ``libtensorrt_rtx.so.*``, or the link cannot be created (e.g. a
+            read-only site-packages); the message gives the ``ln -s`` command to run once by hand.
+    """
+    if libs_dir is None:
+        spec = importlib.util.find_spec("tensorrt_rtx_libs")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        libs_dir = list(spec.submodule_search_locations)[0]
+    folder = Path(libs_dir)
+    link = folder / "libtensorrt_rtx.so"
+    if link.exists():
+        return link
+    versioned = sorted(folder.glob("libtensorrt_rtx.so.*"))
+    if not versioned:
+        raise PluginModeError(f"{folder} has no libtensorrt_rtx.so.*; reinstall tensorrt-rtx-cu13-libs")
+    try:
+        link.symlink_to(versioned[0].name)  # relative: the folder may move with its virtualenv
+    except FileExistsError:
+        pass  # another process made it first
+    except OSError as exc:
+        raise PluginModeError(f"cannot create {link} -> {versioned[0].name} ({exc}); TensorRT for RTX's parser "
+                              f"aborts on plugin nodes without it: run  ln -s {versioned[0].name} {link}") from exc
+    log.info("created %s -> %s (TensorRT for RTX's parser dlopens the unversioned name)", link, versioned[0].name)
+    return link

@@ -11,10 +11,11 @@ PTX details that matter on devices:
   sizes are checked to be 0), so they are removed from the PTX entry: the kernel takes exactly the arguments
   of ``arg_order`` (inputs, int32 scalars, outputs: the TensorRT AOT plugin order). The edited PTX is
   re-assembled with ``ptxas`` where present, which is what ``cubin`` holds.
-* The PTX ISA version must be one the device driver can JIT: the defaults are 8.0 for sm_87 and sm_90 (any
-  CUDA 12 driver, e.g. JetPack 6.x) and 9.0 for sm_110 (JetPack 7.0, CUDA 13.0); ``ptx_version`` overrides
-  them (at least 7.4 / 8.0 / 9.0).
-* Triton targets ``sm_90a`` / ``sm_110a`` (architecture-specific PTX): it runs on that architecture only.
+* The PTX ISA version must be one the device driver can JIT: the defaults are 8.0 for sm_75 to sm_90 (any
+  CUDA 12 driver, e.g. JetPack 6.x), 8.7 / 8.8 for sm_120 / sm_121 (CUDA 12.8 / 12.9) and 9.0 for sm_110
+  (JetPack 7.0, CUDA 13.0); ``ptx_version`` overrides them (at least :data:`MIN_PTX_VERSION`).
+* From sm_90 on, Triton targets ``sm_90a`` / ``sm_110a`` / ``sm_120a`` (architecture-specific PTX): it runs on
+  that architecture only. PTX for sm_75..sm_89 is JIT-compiled forward by the driver onto later GPUs.
 
 The cache directory is the caller's (default ``~/.cache/edgeprune/ptx``); entries are keyed by op, sm, the
 baked constants, the PTX version, the Triton version and a hash of the kernel source, and Triton's own
@@ -39,11 +40,14 @@ from typing import Callable
 from .._deps import require
 from ..errors import EdgepruneError, UnknownNameError
 
-SUPPORTED_SM = (87, 90, 110)
+# Jetson Orin (87), Hopper (90), Thor (110), and the TensorRT-for-RTX targets: Turing (75), Ampere (80, 86),
+# Ada (89), Blackwell consumer / DGX Spark (120, 121).
+SUPPORTED_SM = (75, 80, 86, 87, 89, 90, 110, 120, 121)
 # The lowest PTX ISA each target accepts (LLVM aborts the whole process below it, so it is checked first) and
-# the default: as low as works, so that older drivers can JIT it (8.0 = CUDA 12.0, 9.0 = CUDA 13.0).
-MIN_PTX_VERSION = {87: 74, 90: 80, 110: 90}
-DEFAULT_PTX_VERSION = {87: 80, 90: 80, 110: 90}
+# the default: as low as works, so that older drivers can JIT it (8.0 = CUDA 12.0, 8.7 = 12.8, 8.8 = 12.9,
+# 9.0 = CUDA 13.0).
+MIN_PTX_VERSION = {75: 63, 80: 70, 86: 71, 87: 74, 89: 78, 90: 80, 110: 90, 120: 87, 121: 88}
+DEFAULT_PTX_VERSION = {75: 80, 80: 80, 86: 80, 87: 80, 89: 80, 90: 80, 110: 90, 120: 87, 121: 88}
 DEFAULT_CACHE_DIR = Path("~/.cache/edgeprune/ptx")
 
 
@@ -109,6 +113,7 @@ class KernelSpec:
     grid_block: Callable[[dict], int | None]
     num_warps: int = 4
     fp_fusion: bool = True
+    flat: bool = False  # grid (cdiv(max(N, Z), block), 1, 1) instead of one row of programs per request
 
     def resolve(self, given: dict) -> dict:
         """The full constant set from ``given`` and the defaults.
@@ -125,13 +130,19 @@ class KernelSpec:
 
     def grid_formula(self, consts: dict) -> str:
         block = self.grid_block(consts)
+        if self.flat:
+            return f"(cdiv(max(N, Z), {block}), 1, 1)"
         return "(B, 1, 1)" if block is None else f"(B, cdiv(N, {block}), 1)"
 
     def grid(self, consts: dict) -> tuple[int, int, int] | None:
-        """The grid for the given B and N, or None when either is missing."""
+        """The grid for the given B and N (flat specs: N and Z), or None when one is missing."""
+        block = self.grid_block(consts)
+        if self.flat:
+            if consts.get("N") is None or consts.get("Z") is None:
+                return None
+            return (-(-max(int(consts["N"]), int(consts["Z"])) // block), 1, 1)
         if consts.get("B") is None or consts.get("N") is None:
             return None
-        block = self.grid_block(consts)
         return (int(consts["B"]), 1 if block is None else -(-int(consts["N"]) // block), 1)
 
 
@@ -153,6 +164,11 @@ SPECS: dict[str, KernelSpec] = {
         lambda c: {"K": int(c["K"]), "TAU": float(c["tau"]), "ZONE_MEAN": bool(c["zone_mean"]),
                    **_blocks("zonal_topk")},
         lambda c: None, fp_fusion=False),
+    "zone_index": KernelSpec(
+        "zone_index", "zone_index", "zone_index_kernel", (), {"Z": None, **_SHAPES},
+        lambda c: [("zone", "*i32"), ("N", "i32"), ("Z", "i32"), ("order", "*i32"), ("sizes", "*i32")],
+        lambda c: _blocks("zone_index"),
+        lambda c: _blocks("zone_index")["BLOCK_M"], flat=True),
     "graph_rank.norm": KernelSpec(
         "graph_rank.norm", _GR, "graph_norm_kernel", (), {"x_dtype": "fp32", **_SHAPES},
         lambda c: [("x", f"*{c['x_dtype']}"), ("N", "i32"), ("D", "i32"), ("norm", "*fp32"), ("thr", "*i32")],
@@ -308,9 +324,10 @@ def compile_ptx(op: str, sm: int, *, cache_dir: str | os.PathLike | None = None,
     """Compile one kernel to PTX (and a cubin) for ``sm`` without a GPU, through an on-disk cache.
 
     Args:
-        op: a kernel of :data:`SPECS`: ``zonal_topk``, ``graph_rank.norm``, ``graph_rank.sim``,
+        op: a kernel of :data:`SPECS`: ``zonal_topk``, ``zone_index``, ``graph_rank.norm``, ``graph_rank.sim``,
             ``graph_rank.step``, ``graph_rank.select`` or ``graph_rank.emit``.
-        sm: compute capability: 87 (Orin), 90 (H100) or 110 (Thor).
+        sm: compute capability, one of :data:`SUPPORTED_SM` (e.g. 87 Orin, 90 H100/H200, 110 Thor, 86/89/120
+            for TensorRT for RTX).
         cache_dir: cache directory (default ``~/.cache/edgeprune/ptx``).
         ptx_version: PTX ISA version as an int (85 = 8.5); default per sm, see the module docstring.
         constants: the op's constants, e.g. ``K=64, tau=0.05`` for ``zonal_topk`` (the spec lists them);

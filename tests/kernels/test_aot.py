@@ -88,7 +88,7 @@ def test_bad_requests(ptx_cache):
     with pytest.raises(UnknownNameError):
         compile_sequence("fitprune", 87, cache_dir=ptx_cache)
     with pytest.raises(EdgepruneError, match="sm must be one of"):
-        compile_ptx("zonal_topk", 80, cache_dir=ptx_cache, K=4, tau=0.1)
+        compile_ptx("zonal_topk", 70, cache_dir=ptx_cache, K=4, tau=0.1)
     with pytest.raises(EdgepruneError, match="PTX ISA >= 9.0"):
         compile_ptx("zonal_topk", 110, cache_dir=ptx_cache, K=4, tau=0.1, ptx_version=88)
     with pytest.raises(EdgepruneError, match="missing"):
