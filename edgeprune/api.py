@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 from typing import Any, Mapping, Sequence
 
-from .errors import BudgetError
-from .methods.base import Budget, parse_method_args
+from .errors import BackendError, BudgetError, PromptError
+from .methods.base import Budget, ModelLimits, PruningMethod, parse_method_args
 from .methods.registry import build_method
 
 
-def build_pipeline(model: str | None, method: str | None = "none", *, tokens: int | None = None,
+def build_pipeline(model: str | None, method: str | None = None, *, tokens: int | None = None,
                    ratio: float | None = None, method_args: Mapping[str, str] | None = None, backend: str = "torch",
                    random_weights: bool = False, dtype: str = "fp32", device: str = "cpu", loaded: Any = None,
                    clip: str | None = None, bundle: str | None = None, providers: Sequence[str] = ("cpu",),
@@ -27,7 +27,8 @@ def build_pipeline(model: str | None, method: str | None = "none", *, tokens: in
 
     Args:
         model: preset, local directory or Hugging Face id (ignored when ``loaded`` is given).
-        method: registered method name.
+        method: registered method name; None means ``none`` on the torch backend and the bundle's method on
+            ``ort``.
         tokens / ratio: the budget (at most one).
         method_args: method parameters as strings (``--method-arg``).
         backend: ``torch`` (the reference) or ``ort`` (ONNX Runtime over ``bundle``; ``method``/``tokens``/
@@ -44,8 +45,6 @@ def build_pipeline(model: str | None, method: str | None = "none", *, tokens: in
     Raises:
         UnknownMethodError, MethodArgumentError, BudgetError, UnknownModelError, ModelLoadError, BackendError.
     """
-    from .errors import BackendError
-
     budget = Budget(tokens=tokens, ratio=ratio)  # validate cheap inputs before loading anything
     if backend == "ort":
         if bundle is None:
@@ -55,20 +54,17 @@ def build_pipeline(model: str | None, method: str | None = "none", *, tokens: in
         return build_ort_pipeline(bundle, providers, method=method, tokens=tokens, ratio=ratio,
                                   method_args=method_args, decoder=ort_decoder)
     prune = build_method(method or "none", method_args)
-    if kernels == "triton" and prune.use_kernels(kernels) == "triton":
-        from ._deps import require as _require
-
-        _require("triton")
     if budget.is_set and not prune.uses_budget:
         raise BudgetError(f"method {prune.name!r} does not take --tokens/--ratio "
                           + ("(its recipe sets the budget)" if prune.placement == "in_llm" else "(it keeps every token)")
                           + "; drop them")
     if backend != "torch":
         raise BackendError(f"unknown backend {backend!r}; available: torch, ort")
-    from ._deps import require
-
-    require("torch")  # the torch backend needs torch and transformers: say which extra, not a traceback
-    require("transformers")
+    if loaded is None:
+        preflight(model, prune, budget, device=device, kernels=kernels, random_weights=random_weights)
+    else:
+        _check_kernels(prune, kernels, device)
+        _check_limits(prune, budget, _loaded_limits(loaded))
     from .models.loader import load_model
     from .runtime.pipeline import Pipeline
     from .runtime.torch_backend import TorchBackend
@@ -77,6 +73,93 @@ def build_pipeline(model: str | None, method: str | None = "none", *, tokens: in
         loaded = load_model(model, random_weights=random_weights, dtype=dtype, device=device)
     guide = _clip_guidance(prune, loaded, clip, device)
     return Pipeline(TorchBackend(loaded, prune, guide), budget, prune.positions, prune.uses_budget, prune.placement)
+
+
+def check_device(device: str) -> None:
+    """``--device`` names a device this torch can use: ``cpu``, or ``cuda``/``cuda:N`` with CUDA available.
+
+    Raises:
+        BackendError: an unparsable name, a device type edgeprune does not run on, CUDA on a CPU-only torch,
+            or a CUDA index beyond the visible devices.
+    """
+    from ._deps import require
+
+    torch = require("torch")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise BackendError(f"--device {device!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise BackendError(f"--device {device!r}: edgeprune runs on cpu or cuda[:N], not {dev.type}")
+    if not torch.cuda.is_available():
+        raise BackendError(f"--device {device} requested but this torch ({torch.__version__}) sees no CUDA device; "
+                           "use --device cpu, or install a CUDA build of torch on a machine with a GPU")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise BackendError(f"--device {device}: only {count} CUDA device(s) are visible (cuda:0..cuda:{count - 1})")
+
+
+def preflight(model: str | None, prune: PruningMethod, budget: Budget, *, device: str = "cpu",
+              kernels: str = "torch", random_weights: bool = False,
+              max_new_tokens: int | None = None) -> ModelLimits | None:
+    """Check everything that can be checked before building the model, in milliseconds.
+
+    ``--device``, ``--kernels``, and against the model's config (:func:`~edgeprune.models.limits.model_limits`:
+    the presets ship theirs): the method's parameter bounds, K <= N, and that the image and ``max_new_tokens``
+    fit the context.
+
+    Returns:
+        The model's limits, or None when only loading the model can tell (a hub id that is not a preset).
+    Raises:
+        BackendError, MethodArgumentError, BudgetError, PromptError, MissingDependencyError.
+    """
+    from ._deps import require
+
+    require("torch")  # the torch backend needs torch and transformers: say which extra, not a traceback
+    require("transformers")
+    check_device(device)
+    _check_kernels(prune, kernels, device)
+    from .models.limits import model_limits
+
+    limits = model_limits(model, random_weights) if model else None
+    if limits is not None:
+        _check_limits(prune, budget, limits, max_new_tokens)
+    return limits
+
+
+def _check_kernels(prune: PruningMethod, kernels: str, device: str) -> None:
+    """Set the method's implementation; ``triton`` needs triton and CUDA, or the interpreter on the CPU."""
+    if prune.use_kernels(kernels) != "triton":
+        return
+    from ._deps import require
+
+    require("triton")
+    from .kernels.zonal_topk import is_interpreted
+
+    if not str(device).startswith("cuda") and not is_interpreted():
+        raise BackendError(f"--kernels triton runs {prune.fused_op} as a compiled Triton kernel, which needs "
+                           "--device cuda; on the CPU set TRITON_INTERPRET=1 (the Triton interpreter) or use "
+                           "--kernels torch")
+
+
+def _loaded_limits(loaded: Any) -> ModelLimits:
+    from .models.limits import limits_from_config
+
+    return limits_from_config(loaded.config)
+
+
+def _check_limits(prune: PruningMethod, budget: Budget, limits: ModelLimits, max_new_tokens: int | None = None) -> None:
+    """The method's parameter bounds, K <= the model's largest N, and room in the context (see :func:`preflight`)."""
+    prune.check_limits(limits)
+    if prune.uses_budget and budget.tokens is not None and budget.tokens > limits.n_max:
+        raise BudgetError(f"--tokens {budget.tokens} exceeds the {limits.n_max} visual tokens this model gives an "
+                          f"image at most; use 1 <= K <= {limits.n_max}")
+    if max_new_tokens is not None and limits.t_min + max_new_tokens + 1 > limits.max_positions:
+        raise PromptError(f"--max-new-tokens {max_new_tokens} cannot fit: the image alone takes at least "
+                          f"{limits.t_min} of the model's {limits.max_positions} positions; use --max-new-tokens "
+                          f"<= {limits.max_positions - limits.t_min - 1}")
 
 
 def _clip_guidance(prune: Any, loaded: Any, clip: str | None, device: str) -> Any:
@@ -89,7 +172,7 @@ def _clip_guidance(prune: Any, loaded: Any, clip: str | None, device: str) -> An
         return None
     from .models.clip_guidance import TINY_CLIP, load_clip
 
-    spec = clip or (TINY_CLIP if loaded.source == "offline-preset" else None)
+    spec = clip or loaded.default_clip or (TINY_CLIP if loaded.source == "offline-preset" else None)
     if spec is None and loaded.source != "random-weights":
         return None
     return load_clip(spec or "", loaded.config.vision_config, random_weights=loaded.source == "random-weights",
@@ -103,6 +186,9 @@ def run_request(args: argparse.Namespace) -> Any:
 
     sampling = SamplingConfig(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed)
+    preflight(args.model, build_method(args.method or "none", parse_method_args(args.method_arg)),
+              Budget(tokens=args.tokens, ratio=args.ratio), device=args.device, kernels=args.kernels,
+              random_weights=args.random_weights, max_new_tokens=args.max_new_tokens)
     image = load_image(args.image) if args.image else default_image()
     pipe = build_pipeline(args.model, args.method, tokens=args.tokens, ratio=args.ratio,
                           method_args=parse_method_args(args.method_arg), backend=args.backend,

@@ -65,3 +65,7 @@ class ExportError(EdgepruneError):
 
 class BundleError(ModelLoadError):
     """A bundle is missing, incomplete, corrupt, unsafe, or from an unknown format version (CLI exit code 2)."""
+
+
+class NonFiniteError(BackendError):
+    """A model produced NaN or infinite values where a method needs finite ones (e.g. fp16 overflow)."""

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
 
 from ..errors import EdgepruneError
 
@@ -65,3 +69,59 @@ def check_positive(value: int, flag: str) -> None:
     if value <= 0:
         raise EdgepruneError(f"{flag} must be a positive integer; got {value}")
 
+
+def check_output_file(path: str, flag: str, suffix: str | None = None, create_parent: bool = False) -> Path:
+    """An output file path, checked before any work: not a directory, ``suffix`` when given, and a parent
+    directory that exists (or, with ``create_parent``, can be created when the file is written).
+
+    Raises:
+        EdgepruneError: the path is a directory, has the wrong suffix, or its directory is missing / a file.
+    """
+    out = Path(path)
+    if suffix and out.suffix.lower() != suffix:
+        raise EdgepruneError(f"{flag} must be a {suffix} file; got {path!r} (e.g. {flag} out{suffix})")
+    if out.is_dir() or path.endswith(os.sep):
+        raise EdgepruneError(f"{flag} {path!r} is a directory; give a file name such as "
+                             f"{str(out / ('out' + (suffix or '.json')))!r}")
+    parent = out.parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise EdgepruneError(f"{flag} {path!r}: {str(existing)!r} is a file, not a directory")
+    if not parent.is_dir() and not create_parent:
+        raise EdgepruneError(f"{flag} {path!r}: the directory {str(parent)!r} does not exist; create it first")
+    return out
+
+
+def write_json_atomic(path: Path, data: Any, flag: str) -> None:
+    """Write ``data`` as JSON to ``path`` through a temporary sibling and a rename: never half-written.
+
+    Raises:
+        EdgepruneError: the file cannot be written (permissions, disk full), naming the flag.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise EdgepruneError(f"cannot write {flag} {str(path)!r}: {exc.strerror or exc}") from None
+
+
+def refuse_with_bundle(args: argparse.Namespace, flags: dict[str, str]) -> None:
+    """Refuse flags that do not apply to a bundle: ``flags`` maps a namespace attribute to its flag. An attribute
+    counts as given when it is truthy and not a parser default (:class:`Default`).
+
+    Raises:
+        EdgepruneError: names every such flag and why.
+    """
+    given = [flag for attr, flag in flags.items()
+             if getattr(args, attr, None) and not isinstance(getattr(args, attr), Default)]
+    if given:
+        verb = "does" if len(given) == 1 else "do"
+        raise EdgepruneError(f"{' and '.join(given)} {verb} not apply to --bundle: the bundle fixes the model, its "
+                             "weights, dtype and graphs (re-export to change them; --providers picks where it runs)")
+
+
+class Default(str):
+    """A default value that can be told apart from the same string typed by the user."""

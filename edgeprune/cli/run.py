@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import add_generation_args, add_method_args, add_model_args, add_ort_args, check_positive
+from ._common import (Default, add_generation_args, add_method_args, add_model_args, add_ort_args, check_output_file,
+                      check_positive, refuse_with_bundle, write_json_atomic)
+
+# Flags of the torch backend that a bundle fixes at export time: refused with --bundle, not ignored.
+BUNDLE_FIXES = {"device": "--device", "dtype": "--dtype", "random_weights": "--random-weights", "clip": "--clip",
+                "kernels": "--kernels"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,29 +27,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "K come from its manifest (implies --backend ort)")
     add_ort_args(p)
     # Sentinel defaults: with --bundle a flag the user actually typed must match the manifest, a default must not.
-    p.set_defaults(method=_Default("none"), model=_Default("tiny-llava"))
+    p.set_defaults(method=Default("none"), model=Default("tiny-llava"), device=Default("cpu"), dtype=Default("fp32"),
+                   kernels=Default("torch"))
     p.add_argument("--profile", action="store_true", help="print the per-stage timing table")
     p.add_argument("--trace", metavar="FILE", help="write a Chrome-trace JSON of the request")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=main)
 
 
-class _Default(str):
-    """A default value that can be told apart from the same string typed by the user."""
-
-
 def main(args: argparse.Namespace) -> int:
     from ..api import run_request  # heavy imports only when the command runs
 
     check_positive(args.max_new_tokens, "--max-new-tokens")
+    trace = check_output_file(args.trace, "--trace") if args.trace else None  # before the request, not after
     if args.bundle is not None or args.backend == "ort":
         result = _run_bundle(args)
     else:
         args.backend = args.backend or "torch"
         result = run_request(args)
-    if args.trace:
-        with open(args.trace, "w") as f:
-            json.dump(result.profile.chrome_trace(), f)
+    if trace is not None:
+        write_json_atomic(trace, result.profile.chrome_trace(), "--trace")
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -69,12 +71,13 @@ def _run_bundle(args: argparse.Namespace):
                            "`edgeprune export --model M --method X --tokens K --out DIR`)")
     if args.backend not in (None, "ort"):
         raise BackendError(f"--bundle runs on --backend ort, not {args.backend}; drop --backend or --bundle")
-    if not isinstance(args.model, _Default):
+    if not isinstance(args.model, Default):
         raise BackendError("--model and --bundle exclude each other: the bundle fixes the model")
+    refuse_with_bundle(args, BUNDLE_FIXES)
     sampling = SamplingConfig(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed)
     image = load_image(args.image) if args.image else default_image()
-    pipe = build_pipeline(None, None if isinstance(args.method, _Default) else args.method, tokens=args.tokens,
+    pipe = build_pipeline(None, None if isinstance(args.method, Default) else args.method, tokens=args.tokens,
                           ratio=args.ratio, method_args=parse_method_args(args.method_arg), backend="ort",
                           bundle=args.bundle, providers=[x for x in args.providers.split(",") if x.strip()],
                           ort_decoder=args.ort_decoder)

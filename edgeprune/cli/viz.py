@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EdgepruneError, MethodArgumentError, UnknownMethodError
-from ._common import add_method_args, add_model_args
+from ._common import add_method_args, add_model_args, check_output_file
 
 DEFAULT_METHODS = "cls-topk,uniform,gridprune,gprune"
 
@@ -29,7 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_method_args(p, default=DEFAULT_METHODS)
     p.add_argument("--image", help="image file (default: the bundled example image)")
     p.add_argument("--prompt", default="What is in the image?", help="the question (default: %(default)r)")
-    p.add_argument("--out", default="kept.png", help="output PNG path; its directory must exist (default: %(default)s)")
+    p.add_argument("--out", default="kept.png", help="output PNG path; a missing directory is created "
+                   "(default: %(default)s)")
     p.add_argument("--size", type=int, default=400, help="longer side of each panel's image in pixels "
                    "(default: %(default)s)")
     p.set_defaults(func=main)
@@ -84,19 +85,13 @@ def route_method_args(names: list[str], items: list[str]) -> dict[str, dict[str,
 
 
 def check_out_path(out: str) -> Path:
-    """The output path, validated before any work: a ``.png`` file in an existing directory.
+    """The output path, validated before any work: a ``.png`` file that is not a directory; its missing parent
+    directories are created when the picture is written (only then, so a failed run leaves nothing).
 
     Raises:
-        EdgepruneError: wrong suffix, missing parent directory, or the path is a directory.
+        EdgepruneError: wrong suffix, the path is a directory, or a parent is a file.
     """
-    path = Path(out)
-    if path.suffix.lower() != ".png":
-        raise EdgepruneError(f"--out must be a .png file; got {out!r} (e.g. --out kept.png)")
-    if path.is_dir():
-        raise EdgepruneError(f"--out {out!r} is a directory; give a file name such as {str(path / 'kept.png')!r}")
-    if not path.parent.is_dir():
-        raise EdgepruneError(f"--out directory {str(path.parent)!r} does not exist; create it first")
-    return path
+    return check_output_file(out, "--out", suffix=".png", create_parent=True)
 
 
 def _run_methods(args: argparse.Namespace, names: list[str], method_args: dict[str, dict[str, str]],
@@ -120,7 +115,7 @@ def _run_methods(args: argparse.Namespace, names: list[str], method_args: dict[s
     for name in names:
         budget = dict(tokens=args.tokens, ratio=args.ratio) if get_method_class(name).uses_budget else {}
         pipe = build_pipeline(args.model, name, method_args=method_args[name], loaded=loaded, device=args.device,
-                              **budget, **clip)
+                              kernels=args.kernels, **budget, **clip)
         results.append(pipe.run(image, args.prompt, max_new_tokens=1))
         backend = backend or pipe.backend
     # Results carry indices, not the layout; it depends on the image only, so one more vision pass gives it.
@@ -138,13 +133,14 @@ def main(args: argparse.Namespace) -> int:
         EdgepruneError: any user mistake (see the module docstring), before anything is written.
     """
     from .._deps import require
+    from ..api import preflight
     from ..methods.base import Budget
     from ..methods.registry import build_method
     from ..runtime.preprocess import default_image, load_image
     from ..viz.kept import MethodPanel, compose, render_method_panel, save_png
 
     names = parse_method_list(args.method)
-    Budget(tokens=args.tokens, ratio=args.ratio)
+    budget = Budget(tokens=args.tokens, ratio=args.ratio)
     method_args = route_method_args(names, args.method_arg)
     methods = {n: build_method(n, method_args[n]) for n in names}  # bad values fail before the model loads
     out = check_out_path(args.out)
@@ -153,6 +149,9 @@ def main(args: argparse.Namespace) -> int:
     if args.size < 64:
         raise EdgepruneError(f"--size must be at least 64 pixels; got {args.size}")
     image = load_image(args.image) if args.image else default_image()
+    for method in methods.values():  # --device, --kernels and the model's bounds, before the model is built
+        preflight(args.model, method, budget if method.uses_budget else Budget(), device=args.device,
+                  kernels=args.kernels, random_weights=args.random_weights)
 
     cfg, layout, results, caption = _run_methods(args, names, method_args, image)
     data = []
@@ -164,6 +163,7 @@ def main(args: argparse.Namespace) -> int:
     panels = [render_method_panel(image, layout, cfg, d, size=args.size) for d in data]
     picture = compose(panels, caption=caption, legend_zones=any(d.zones for d in data))
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         save_png(picture, out)
     except OSError as exc:  # e.g. the directory is read-only or the disk is full; nothing is left behind
         raise EdgepruneError(f"cannot write {str(out)!r}: {exc.strerror or exc}; choose a writable --out") from exc

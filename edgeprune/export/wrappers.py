@@ -109,7 +109,7 @@ class DecoderGraph(nn.Module):
             raise ValueError(f"expected {2 * self.num_layers} past tensors, got {len(past)}")
         cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
         out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=cache, use_cache=True)
+                      cache=cache, use_cache=True)
         logits = self.head(out.last_hidden_state[:, -1])
         presents: list[torch.Tensor] = []
         for layer in cache.layers:

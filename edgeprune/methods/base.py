@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import numpy as np
 
-from ..errors import BudgetError, MethodArgumentError
+from ..errors import BudgetError, MethodArgumentError, NonFiniteError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -84,6 +84,28 @@ class Budget:
         if self.ratio is not None:
             return f"ratio {self.ratio:g}"
         return "all tokens"
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a model allows, read from its config before any weight is built (``models.limits``).
+
+    Method parameters and budgets are checked against it (:meth:`PruningMethod.check_limits`), so a value the
+    model cannot take fails in milliseconds with the bound in the message, not after building the model.
+
+    Attributes:
+        grid: (rows, cols) of one view's patch grid, e.g. (24, 24) for CLIP 336/14.
+        n_max: the most prunable visual tokens an image can have (LLaVA-1.5: rows*cols; NeXT: base + largest grid).
+        t_min: the fewest visual positions an image takes in the prompt (a lower bound; NeXT: the base view).
+        num_layers: decoder layers of the LLM.
+        max_positions: the LLM's context length (``max_position_embeddings``).
+    """
+
+    grid: tuple[int, int]
+    n_max: int
+    t_min: int
+    num_layers: int
+    max_positions: int
 
 
 @dataclass(frozen=True)
@@ -205,6 +227,14 @@ class PruningMethod:
         out["positions"] = self.positions
         return out
 
+    def check_limits(self, limits: ModelLimits) -> None:
+        """Refuse parameters this model cannot take (e.g. more GridPrune zones than patch rows); the error states
+        the bound. The base class checks nothing; methods with model-dependent parameters override it.
+
+        Raises:
+            MethodArgumentError: a parameter outside what ``limits`` allows.
+        """
+
     # ----------------------------------------------------------------- selection
     def select(self, tokens: VisualTokens, k: int) -> "torch.Tensor":
         """Return the kept indices ``[B, K]`` (int64, ascending, unique) for budget K.
@@ -222,6 +252,7 @@ class PruningMethod:
             raise TypeError(f"method {self.name!r} runs inside the LLM; it has no pre-LLM select()")
         if not 1 <= k <= n:
             raise BudgetError(f"K must satisfy 1 <= K <= N = {n}; got K = {k}")
+        check_finite(tokens, self.name)
         idx = self._select(tokens, k)
         b = tokens.features.shape[0]
         if tuple(idx.shape) != (b, k):  # a bug in the method, not a user error
@@ -232,6 +263,25 @@ class PruningMethod:
 
     def _select(self, tokens: VisualTokens, k: int) -> "torch.Tensor":  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def check_finite(tokens: VisualTokens, method: str) -> None:
+    """Refuse NaN or infinite method inputs (features, [CLS] attention, CLIP embeddings, guidance).
+
+    A NaN would silently change every score-based selection (GridPrune's quotas would no longer sum to K), so
+    the rule is: non-finite inputs are an error, for every method, never a fallback.
+
+    Raises:
+        NonFiniteError: names the first non-finite input.
+    """
+    import torch
+
+    for label, t in (("visual features", tokens.features), ("[CLS] attention", tokens.cls_attn),
+                     ("CLIP patch embeddings", tokens.clip_embeds), ("text guidance", tokens.guidance)):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise NonFiniteError(f"{method}: the {label} hold {bad} NaN/inf value(s); the model produced non-finite "
+                                 f"activations (often fp16 overflow): run in --dtype fp32 or check the weights")
 
 
 def _field_type(params_cls: type, f: dataclasses.Field) -> Any:

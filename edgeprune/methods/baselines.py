@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..errors import MethodArgumentError
 from .base import MethodParams, PruningMethod, VisualTokens
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,9 +30,17 @@ class NoPrune(PruningMethod):
         return torch.arange(n, dtype=torch.int64).expand(b, n).clone()
 
 
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes a 64-bit seed
+
+
 @dataclass(frozen=True)
 class RandomParams(MethodParams):
-    seed: int = field(default=0, metadata={"help": "seed of the private generator"})
+    seed: int = field(default=0, metadata={"help": "seed of the private generator, in [0, 2^64 - 1]"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.seed <= MAX_SEED:
+            raise MethodArgumentError(f"random: seed must be in [0, 2^64 - 1 = {MAX_SEED}]; got {self.seed}")
 
 
 class RandomPrune(PruningMethod):

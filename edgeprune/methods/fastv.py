@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 from ..errors import MethodArgumentError
-from .base import Budget, MethodParams, PruningMethod
+from .base import Budget, MethodParams, ModelLimits, PruningMethod
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -80,6 +80,16 @@ class FastV(PruningMethod):
     uses_budget = True
     Params = FastVParams
 
+    def check_limits(self, limits: ModelLimits) -> None:
+        """``layer`` (K) must be one of the model's decoder layers, 1 <= K <= num_layers."""
+        self._check_layer(limits.num_layers)
+
+    def _check_layer(self, num_layers: int) -> None:
+        if self.params.layer > num_layers:
+            raise MethodArgumentError(
+                f"fastv: layer (K) = {self.params.layer} exceeds the model's {num_layers} layers; use 1 <= K <= "
+                f"{num_layers}")
+
     def keep_count(self, budget: Budget, n: int) -> int:
         """Prunable visual tokens that survive: the budget's K, or ``round(0.5 · N)`` when none is given.
 
@@ -95,8 +105,5 @@ class FastV(PruningMethod):
             MethodArgumentError: K exceeds the number of layers.
             BudgetError: K (tokens) > N.
         """
-        if self.params.layer > num_layers:
-            raise MethodArgumentError(
-                f"fastv: layer (K) = {self.params.layer} exceeds the model's {num_layers} layers; use 1 <= K <= "
-                f"{num_layers}")
+        self._check_layer(num_layers)
         return FastVPlan(self.params.layer - 1, self.keep_count(budget or Budget(), n))

@@ -18,6 +18,10 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 
+MIN_TEMPERATURE = 1e-3  # keeps theta / T above the masked logit (-5000) for any theta in [-1, 1]
+MAX_STEPS = 64  # the propagation converges in a few steps (the authors use 5); more only costs time
+
+
 @dataclass(frozen=True)
 class GPruneParams(MethodParams):
     """G-Prune parameters (the authors' hard-coded values are the defaults).
@@ -29,17 +33,18 @@ class GPruneParams(MethodParams):
     """
 
     threshold: float = field(default=0.5, metadata={"help": "cosine threshold of the similarity graph, in [-1, 1]"})
-    temperature: float = field(default=0.03, metadata={"help": "softmax temperature of the transition matrix (> 0)"})
-    steps: int = field(default=5, metadata={"help": "number of propagation steps (>= 0)"})
+    temperature: float = field(default=0.03, metadata={"help": "softmax temperature of the transition matrix, finite, >= 1e-3"})
+    steps: int = field(default=5, metadata={"help": "number of propagation steps, in [0, 64]"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not -1.0 <= self.threshold <= 1.0:
             raise MethodArgumentError(f"gprune: threshold must be in [-1, 1]; got {self.threshold}")
-        if not self.temperature > 0.0:
-            raise MethodArgumentError(f"gprune: temperature must be > 0; got {self.temperature}")
-        if self.steps < 0:
-            raise MethodArgumentError(f"gprune: steps must be an integer >= 0; got {self.steps}")
+        if not MIN_TEMPERATURE <= self.temperature < float("inf"):
+            raise MethodArgumentError(f"gprune: temperature must be a finite number >= {MIN_TEMPERATURE:g}; "
+                                      f"got {self.temperature}")
+        if not 0 <= self.steps <= MAX_STEPS:
+            raise MethodArgumentError(f"gprune: steps must be an integer in [0, {MAX_STEPS}]; got {self.steps}")
 
 
 class GPrune(PruningMethod):

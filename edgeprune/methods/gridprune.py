@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from ..errors import MethodArgumentError
-from .base import MethodParams, PruningMethod, VisualTokens
+from .base import MethodParams, ModelLimits, PruningMethod, VisualTokens
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 GUIDANCES = ("auto", "clip", "llm")
+MIN_TAU = 1e-6  # below it rbar / tau overflows float64's softmax range for cosines of magnitude ~1
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,10 @@ class GridPruneParams(MethodParams):
             LLM input embedding of the question) or ``auto`` (clip when CLIP patch embeddings are given).
     """
 
-    zones: int = field(default=4, metadata={"help": "G: G x G zones per view (>= 1)"})
+    zones: int = field(default=4, metadata={"help": "G: G x G zones per view, 1 <= G <= the patch grid's side "
+                                                    "(24 for CLIP 336/14)"})
     alpha: float = field(default=0.5, metadata={"help": "weight of [CLS] attention in the local score, in [0, 1]"})
-    tau: float = field(default=0.05, metadata={"help": "temperature of the zone-budget softmax (> 0)"})
+    tau: float = field(default=0.05, metadata={"help": "temperature of the zone-budget softmax, finite, >= 1e-6"})
     relevance_sign: int = field(default=1, metadata={"help": "+1 or -1: sign applied to the patch-text cosine"})
     guidance: Literal["auto", "clip", "llm"] = field(
         default="auto", metadata={"help": "auto | clip | llm: which text guidance drives the relevance"}
@@ -48,8 +50,8 @@ class GridPruneParams(MethodParams):
             raise MethodArgumentError(f"gridprune: zones must be an integer >= 1; got {self.zones}")
         if not 0.0 <= self.alpha <= 1.0:
             raise MethodArgumentError(f"gridprune: alpha must be in [0, 1]; got {self.alpha}")
-        if not self.tau > 0.0:
-            raise MethodArgumentError(f"gridprune: tau must be > 0; got {self.tau}")
+        if not MIN_TAU <= self.tau < float("inf"):
+            raise MethodArgumentError(f"gridprune: tau must be a finite number >= {MIN_TAU:g}; got {self.tau}")
         if self.relevance_sign not in (1, -1):
             raise MethodArgumentError(f"gridprune: relevance_sign must be 1 or -1; got {self.relevance_sign}")
         if self.guidance not in GUIDANCES:
@@ -76,6 +78,14 @@ class GridPrune(PruningMethod):
     needs_guidance = True
     fused_op = "ZonalTopK"
     Params = GridPruneParams
+
+    def check_limits(self, limits: ModelLimits) -> None:
+        """``zones`` must not exceed the side of the model's patch grid (see :func:`check_zones`).
+
+        Raises:
+            MethodArgumentError: zones > max(rows, cols), with the bound.
+        """
+        check_zones(self.params.zones, limits.grid)
 
     def guidance_source(self, tokens: VisualTokens) -> str:
         """Which guidance this request uses, ``clip`` or ``llm`` (recorded in the manifest).
@@ -111,6 +121,7 @@ class GridPrune(PruningMethod):
         except ValueError as exc:  # a width mismatch means the guidance came from the other space
             raise MethodArgumentError(f"gridprune (guidance={source}): {exc}") from None
         zones = self.params.zones
+        check_zones(zones, tokens.layout.grid)  # before the [N, Z] allocations below
         if self.kernels == "triton":  # the fused ZonalTopK kernel: same indices as the reference below
             from ..kernels.zonal_topk import zonal_topk
 
@@ -127,3 +138,18 @@ class GridPrune(PruningMethod):
             self.params.alpha,
             self.params.tau,
         )
+
+
+def check_zones(zones: int, grid: tuple[int, int]) -> None:
+    """G <= max(rows, cols) of one view's patch grid. At that G every token is its own zone, so a larger G
+    selects exactly the same tokens while the [N, num_views * G^2] zone tables grow without bound (zones=1000
+    needed 9 GB): it is refused rather than clamped.
+
+    Raises:
+        MethodArgumentError: zones above the bound, naming it.
+    """
+    side = max(grid)
+    if zones > side:
+        raise MethodArgumentError(f"gridprune: zones must be in [1, {side}] for this model (its patch grid is "
+                                  f"{grid[0]}x{grid[1]} per view, so {side} zones per side already give one token "
+                                  f"per zone); got {zones}")

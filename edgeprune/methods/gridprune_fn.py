@@ -173,18 +173,21 @@ def allocate_quotas(zone_relevance: torch.Tensor, zone_sizes: torch.Tensor, k: i
     Returns:
         [B, Z] int64 quotas: ``sum == k`` and ``0 <= k_z <= n_z``.
     Raises:
-        ValueError: tau <= 0, k < 0, or k larger than the number of present tokens.
+        ValueError: tau <= 0, k < 0, k larger than the number of present tokens, or a non-finite relevance of a
+            non-empty zone (a NaN would make the quotas sum to anything but K).
     """
-    if tau <= 0:
+    if not tau > 0:
         raise ValueError(f"tau must be > 0; got {tau}")
     rel = zone_relevance.to(torch.float64)
     sizes = zone_sizes.to(device=rel.device, dtype=torch.int64).expand_as(rel)
     total = sizes.sum(-1)
     if k < 0 or bool((total < k).any()):
         raise ValueError(f"budget k = {k} must be in [0, present tokens = {total.min().item()}]")
+    present = sizes > 0
+    if not bool(torch.isfinite(rel[present]).all()):
+        raise ValueError("zone relevance holds NaN or inf; GridPrune needs finite relevances")
     if k == 0:
         return torch.zeros_like(sizes)
-    present = sizes > 0
     logits = torch.where(present, rel / tau, torch.full_like(rel, float("-inf")))
     p = torch.softmax(logits, dim=-1)  # exp(-inf) = 0: empty zones get exactly P = 0
     scaled = k * p
@@ -225,8 +228,12 @@ def zonal_topk(scores: torch.Tensor, zone: torch.Tensor, quotas: torch.Tensor, k
         k: the budget.
     Returns:
         [B, K] int64 kept indices, ascending.
+    Raises:
+        ValueError: non-finite scores, or quotas that do not keep exactly k tokens (never hidden by a slice).
     """
     b, n = scores.shape
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError("GridPrune's local scores hold NaN or inf; they must be finite")
     zone = zone.to(scores.device)
     by_score = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # [B, N]
     zone_of = zone[by_score]
@@ -238,6 +245,10 @@ def zonal_topk(scores: torch.Tensor, zone: torch.Tensor, quotas: torch.Tensor, k
     rank = torch.arange(n, device=scores.device) - start[zone_sorted]
     kept_sorted = rank < torch.gather(quotas, -1, zone_sorted)
     kept = torch.zeros(b, n, dtype=torch.bool, device=scores.device).scatter_(-1, token, kept_sorted)
+    counts = kept.sum(-1)
+    if not bool((counts == k).all()):
+        raise ValueError(f"the zone quotas keep {counts.tolist()} tokens, not K = {k}: they must sum to K with "
+                         f"k_z <= n_z (see allocate_quotas)")
     # A stable sort of "not kept" puts the K kept tokens first, already in ascending index order.
     return torch.sort((~kept).to(torch.int8), dim=-1, stable=True).indices[:, :k]
 

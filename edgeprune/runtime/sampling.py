@@ -12,6 +12,9 @@ import numpy as np
 
 from ..errors import EdgepruneError
 
+MIN_TEMPERATURE = 1e-6  # logits / T must stay finite in float64; a smaller T is greedy decoding anyway
+MAX_SEED = 2**64 - 1  # numpy's generators take any non-negative int; 64 bits is what the CLI promises
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -19,10 +22,10 @@ class SamplingConfig:
 
     Attributes:
         do_sample: False = greedy.
-        temperature: > 0, divides the logits before softmax.
+        temperature: finite, >= 1e-6, divides the logits before softmax.
         top_k: keep the k most likely tokens (0 = all).
         top_p: nucleus mass in (0, 1].
-        seed: seed of the private random generator.
+        seed: seed of the private random generator, in [0, 2^64 - 1].
     """
 
     do_sample: bool = False
@@ -32,8 +35,11 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise EdgepruneError(f"--temperature must be > 0; got {self.temperature}")
+        if not MIN_TEMPERATURE <= self.temperature < float("inf"):
+            raise EdgepruneError(f"--temperature must be a finite number >= {MIN_TEMPERATURE:g}; got "
+                                 f"{self.temperature} (for greedy decoding drop --do-sample)")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise EdgepruneError(f"--seed must be in [0, 2^64 - 1]; got {self.seed}")
         if not 0 < self.top_p <= 1:
             raise EdgepruneError(f"--top-p must be in (0, 1]; got {self.top_p}")
         if self.top_k < 0:

@@ -107,8 +107,8 @@ class TorchBackend(Backend):
         self._seq_len += embeds.shape[1]
         mask = torch.ones(1, self._seq_len, dtype=torch.long, device=self.device)
         out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids.to(self.device).unsqueeze(0),
-                 past_key_values=self._cache, use_cache=True)
-        self._cache = out.past_key_values
+                 cache=self._cache, use_cache=True)  # ``cache``: transformers >= 5.24 (past_key_values deprecated)
+        self._cache = out.cache
         logits = self.family.lm_head(self.model)(out.last_hidden_state[:, -1])
         return logits[0].float().cpu().numpy()
 

@@ -186,7 +186,7 @@ def test_save_png_is_atomic(tmp_path):
     (["--method", "uniform,,cls-topk"], "comma-separated"),
     (["--method", "uniform", "--tokens", "600"], "exceeds the 576"),
     (["--method", "uniform", "--image", "MISSING.png"], "not found"),
-    (["--method", "uniform", "--out", "{tmp}/no/such/dir/k.png"], "does not exist"),
+    (["--method", "uniform", "--out", "{tmp}/k.png/"], "is a directory"),
     (["--method", "uniform", "--out", "{tmp}/k.jpg"], ".png"),
     (["--method", "uniform,gridprune", "--method-arg", "seed=1"], "no method"),
     (["--method", "uniform", "--method-arg", "gridprune.zones=2"], "not in --method"),
