@@ -16,7 +16,7 @@ Two flavours share the TensorRT 10.x builder API (``Builder``, ``OnnxParser``, `
 House rule 7: a path is never chosen silently; :func:`prune_path` says why it picked plugin or standard ops, and
 :func:`choose_plugin_modes` which plugin flavour (``aot``, ``ipluginv3`` or ``none``) each fused op gets and why.
 
-TensorRT for RTX's ONNX parser and plugins: the parser ``dlopen``\ s ``libtensorrt_rtx.so`` when it meets a
+TensorRT for RTX's ONNX parser and plugins: the parser dlopens ``libtensorrt_rtx.so`` when it meets a
 plugin node, but the ``tensorrt-rtx-cu13-libs`` wheel ships only ``libtensorrt_rtx.so.1``. The failed
 ``dlopen`` throws inside a ``noexcept`` function, which aborts the whole process (``terminate called without an
 active exception``), so :func:`ensure_rtx_parser_libs` must run before a graph with plugin nodes is parsed: it
@@ -313,7 +313,7 @@ def choose_plugin_modes(flavour: TrtFlavour, requested: str,
 def ensure_rtx_parser_libs(libs_dir: str | os.PathLike[str] | None = None) -> Path | None:
     """Create ``libtensorrt_rtx.so -> libtensorrt_rtx.so.<N>`` in the TensorRT-for-RTX wheel's library folder.
 
-    Why: the RTX ONNX parser ``dlopen``\ s the unversioned name when it parses a plugin node; the wheel ships
+    Why: the RTX ONNX parser dlopens the unversioned name when it parses a plugin node; the wheel ships
     only the versioned file, and the failed load aborts the process (see the module docstring). Call this
     before parsing any graph with ``edgeprune`` plugin nodes under TensorRT for RTX; it is idempotent and safe
     when several processes race (an existing link is kept).

@@ -340,6 +340,19 @@ def aot_zonal_topk_launch(dims: Mapping[str, int]) -> Launch:
                    _s("Z", dims["Z"]), _o("out", 0), _o("quota", 1), _o("ws", 2)))
 
 
+def aot_zonal_topk_symbols(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The AOT node's launch parameters as :class:`Dim`/int entries, for ``tensorrt.plugin``'s symbolic
+    ``KernelLaunchParams``/``SymIntExprs``: ``grid`` (one program per request: ``(B, 1, 1)``) and ``extra_args``
+    (the int32 scalars ``N``, ``Z`` in kernel order). Block and shared memory come from the compiled kernel."""
+    return {"grid": (Dim(0, 0), 1, 1), "extra_args": (("N", Dim(0, 1)), ("Z", int(attrs["num_zones"])))}
+
+
+AOT_ZONAL_TOPK_IO = {  # the AOT node: zonal_topk's arguments; ws is [B, 3Z] int64 declared as [B, 6Z] int32
+    "inputs": INPUTS["ZonalTopK"] + (TensorContract("order", "int32", ("N",)), TensorContract("sizes", "int32", ("Z",))),
+    "outputs": OUTPUTS["ZonalTopK"] + (TensorContract("ws", "int32", ("B", "6Z")),),
+}
+
+
 def bind(launch: Launch, inputs: Sequence[int], outputs: Sequence[int], workspace: int,
          layout: Workspace | None) -> list[tuple[str, int]]:
     """The launch's arguments as ``("ptr" | "i32", value)`` for device pointers ``inputs``/``outputs`` and the

@@ -131,7 +131,10 @@ class CudaDriver:
         return int(ctx)
 
     def device_sm(self) -> int:
-        dev = self._check(self.cu.cuCtxGetDevice(), "cuCtxGetDevice")
+        """The compute capability of the current context's device (device 0 when no context is current)."""
+        ctx = self._check(self.cu.cuCtxGetCurrent(), "cuCtxGetCurrent")
+        dev = (self._check(self.cu.cuCtxGetDevice(), "cuCtxGetDevice") if int(ctx) else
+               self._check(self.cu.cuDeviceGet(0), "cuDeviceGet"))
         attr = self.cu.CUdevice_attribute
         major = self._check(self.cu.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "")
         minor = self._check(self.cu.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "")
