@@ -7,6 +7,7 @@ A user mistake (:class:`~edgeprune.errors.EdgepruneError`) prints one ``error:``
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -38,7 +39,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`edgeprune methods | head -1`): stop quietly, as the Python docs recommend, and
+        # point stdout at devnull so the interpreter's final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except EdgepruneError as exc:
         print(f"edgeprune {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
