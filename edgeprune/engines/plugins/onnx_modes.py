@@ -125,7 +125,9 @@ def prepare_for_modes(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     model = onnx.load(str(src))  # with external data: the copy is saved elsewhere
     inline = [(NAMESPACE, op) for op, m in changes.items() if m == "none"]
     if inline:
-        model = onnx.inliner.inline_selected_functions(model, inline)
+        from onnx import inliner
+
+        model = inliner.inline_selected_functions(model, inline)
     if changes.get("ZonalTopK") == "aot":
         nodes = []
         for node in model.graph.node:
