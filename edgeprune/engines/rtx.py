@@ -70,10 +70,12 @@ class EngineBuild:
     profiles: list[Profile]
     warnings: list[str] = field(default_factory=list)
     reused: bool = False
+    plugin_layers: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"graph": self.graph, "path": str(self.path), "nbytes": self.nbytes, "parse_s": round(self.parse_s, 4),
                 "build_s": round(self.build_s, 4), "flavour": self.flavour, "reused": self.reused,
+                "plugin_layers": self.plugin_layers,
                 "profiles": [[[n, list(a), list(b), list(c)] for n, a, b, c in p] for p in self.profiles],
                 "warnings": self.warnings}
 
@@ -220,6 +222,13 @@ def _parse(trt: Any, builder: Any, logger: Any, path: Path, strongly_typed: bool
     return network, parser  # the parser owns weights the network points to: keep it alive until the build
 
 
+def plugin_layers(trt: Any, network: Any) -> list[str]:
+    """Names of the network's plugin layers (``LayerType.PLUGIN_V3``/``PLUGIN_V2``): proof that the parser
+    mapped an ``edgeprune`` node to a registered plugin instead of inlining its local-function body."""
+    kinds = {getattr(trt.LayerType, k) for k in ("PLUGIN_V3", "PLUGIN_V2", "PLUGIN") if hasattr(trt.LayerType, k)}
+    return [network.get_layer(i).name for i in range(network.num_layers) if network.get_layer(i).type in kinds]
+
+
 def make_builder(flavour: TrtFlavour, logger: Any = None) -> Any:
     """A ``Builder`` of ``flavour``.
 
@@ -240,25 +249,70 @@ def make_builder(flavour: TrtFlavour, logger: Any = None) -> Any:
     return builder
 
 
+@dataclass(frozen=True)
+class BuildSettings:
+    """Builder-config settings beyond the profiles (``edgeprune build`` flags; None = TensorRT's default).
+
+    Attributes:
+        opt_level: ``builder_optimization_level`` (0 = fastest build).
+        strongly_typed: precision from the ONNX types; False builds weakly typed with ``precision_flag``.
+        precision_flag: ``fp16``/``bf16``: ``BuilderFlag.FP16``/``BF16`` of a weakly typed build.
+        workspace_mb: the ``MemoryPoolType.WORKSPACE`` limit.
+        timing_cache: a timing-cache file, read when it exists and written back after the build.
+        compute_capability: TensorRT-RTX's single target (e.g. 86 for ``ComputeCapability.SM86``).
+    """
+
+    opt_level: int | None = None
+    strongly_typed: bool = True
+    precision_flag: str | None = None
+    workspace_mb: int | None = None
+    timing_cache: Path | None = None
+    compute_capability: int | None = None
+
+
+def _configure(trt: Any, builder: Any, s: BuildSettings) -> tuple[Any, Any]:
+    """An ``IBuilderConfig`` with ``s`` applied; returns (config, timing cache or None)."""
+    config = builder.create_builder_config()
+    if s.opt_level is not None:
+        config.builder_optimization_level = int(s.opt_level)
+    if s.precision_flag:
+        config.set_flag(getattr(trt.BuilderFlag, s.precision_flag.upper()))
+    if s.workspace_mb is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(s.workspace_mb) << 20)
+    if s.compute_capability is not None:
+        config.num_compute_capabilities = 1
+        if not config.set_compute_capability(getattr(trt.ComputeCapability, f"SM{s.compute_capability}"), 0):
+            raise EngineBuildError(f"the builder refused compute capability sm{s.compute_capability}")
+    cache = None
+    if s.timing_cache is not None:
+        data = s.timing_cache.read_bytes() if s.timing_cache.is_file() else b""
+        cache = config.create_timing_cache(data)
+        config.set_timing_cache(cache, False)
+    return config, cache
+
+
 def build_engine(onnx_path: str | os.PathLike[str], profiles: Sequence[Any], out_path: str | os.PathLike[str], *,
                  flavour: TrtFlavour | str | None = None, opt_level: int | None = None, strongly_typed: bool = True,
-                 log: Callable[[str], None] | None = None) -> EngineBuild:
+                 settings: BuildSettings | None = None, log: Callable[[str], None] | None = None) -> EngineBuild:
     """Parse ``onnx_path``, build a serialized engine with the given optimisation profiles, write ``out_path``.
+
+    Plugins the parser should map ``edgeprune`` nodes to must be registered (``register_creator``) before.
 
     Args:
         onnx_path: the ONNX graph (its ``.onnx.data`` sidecar beside it).
         profiles: one profile ``[(input name, min, opt, max), ...]`` or a list of such profiles.
         out_path: where to write the plan (written to a temporary file and renamed).
         flavour: a :class:`TrtFlavour`, a flavour name, or None (full TensorRT if importable, else RTX).
-        opt_level: ``IBuilderConfig.builder_optimization_level`` (0 = fastest build; None = TensorRT's default, 3).
-        strongly_typed: build a strongly typed network (precision from the ONNX types).
+        opt_level, strongly_typed: shorthands for the same fields of ``settings`` (used when it is None).
+        settings: every builder setting (:class:`BuildSettings`).
         log: progress sink (one line per engine).
     Returns:
-        The :class:`EngineBuild`.
+        The :class:`EngineBuild` (``plugin_layers`` lists the plan's plugin layers).
     Raises:
         EngineBuildError: missing file, parser error, bad profile, a TopK above the native limit, builder failure.
         MissingDependencyError: no TensorRT importable.
     """
+    s = settings or BuildSettings(opt_level=opt_level, strongly_typed=strongly_typed)
     fl = flavour if isinstance(flavour, TrtFlavour) else detect(flavour)
     trt, src, out = fl.module, Path(onnx_path), Path(out_path)
     if not src.is_file():
@@ -267,16 +321,16 @@ def build_engine(onnx_path: str | os.PathLike[str], profiles: Sequence[Any], out
     logger = _capture_logger(trt)
     builder = make_builder(fl, logger)
     start = time.perf_counter()
-    network, _parser = _parse(trt, builder, logger, src, strongly_typed)
+    network, _parser = _parse(trt, builder, logger, src, s.strongly_typed)
     parse_s = time.perf_counter() - start
-    # Checked here, not left to the builder: its message for an oversized TopK does not say what to do.
+    plugins = plugin_layers(trt, network)
+    # Checked here, not left to the builder: its message for an oversized TopK does not say what to do. A TopK
+    # inside a plugin's local function is not built (the plugin replaces it).
     too_big = [(n, k) for n, k in onnx_topk_ks(str(src)) if k is not None and k > NATIVE_TOPK_MAX_K]
-    if too_big:
+    if too_big and not plugins:
         raise EngineBuildError(f"{src.name}: TopK nodes {too_big} exceed the native TopK limit K <= "
                                f"{NATIVE_TOPK_MAX_K} ({fl.name} {fl.version}); export with a smaller K")
-    config = builder.create_builder_config()
-    if opt_level is not None:
-        config.builder_optimization_level = int(opt_level)
+    config, cache = _configure(trt, builder, s)
     for prof in profs:
         _check_profile(network, prof, src)
         p = builder.create_optimization_profile()
@@ -293,11 +347,14 @@ def build_engine(onnx_path: str | os.PathLike[str], profiles: Sequence[Any], out
         raise EngineBuildError(f"{fl.name} {fl.version} failed to build {src.name}: "
                                + ("; ".join(errors) or "no error was logged"))
     _write_atomic(out, memoryview(plan))
+    if cache is not None and s.timing_cache is not None:
+        _write_atomic(s.timing_cache, memoryview(cache.serialize()))
     result = EngineBuild(graph=src.name.removesuffix(".onnx"), path=out, nbytes=int(plan.nbytes), parse_s=parse_s,
                          build_s=build_s, flavour=f"{fl.name} {fl.version}", profiles=profs,
-                         warnings=list(logger.messages))
+                         warnings=list(logger.messages), plugin_layers=plugins)
     if log:
-        log(f"{result.graph}: {result.nbytes / 2**20:.1f} MiB engine in {parse_s:.2f} s parse + {build_s:.2f} s build")
+        log(f"{result.graph}: {result.nbytes / 2**20:.1f} MiB engine in {parse_s:.2f} s parse + {build_s:.2f} s build"
+            + (f" ({len(plugins)} plugin layers)" if plugins else ""))
     return result
 
 
