@@ -1,4 +1,8 @@
-"""Generate the bundled example image deterministically (a street scene with a stop sign)."""
+"""Generate the bundled example image deterministically (a street scene with a stop sign).
+
+Run from the repository root: writes ``edgeprune/assets/example.png`` (the default ``--image``) and
+``examples/street.jpg`` (the same picture, the file the README's examples pass to ``--image``).
+"""
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 W, H = 640, 480
@@ -25,3 +29,4 @@ except TypeError:
 d.text((cx, cy), "STOP", fill=(255, 255, 255), font=font, anchor="mm")
 d.rectangle([380, 350, 560, 400], fill=(30, 90, 200)); d.ellipse([395, 385, 425, 415], fill=(20, 20, 20)); d.ellipse([515, 385, 545, 415], fill=(20, 20, 20))
 img.save("edgeprune/assets/example.png", optimize=True)
+img.save("examples/street.jpg", quality=90)
