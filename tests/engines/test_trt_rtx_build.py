@@ -1,5 +1,9 @@
 """Engine build smoke test: every graph of every lowered method's tiny-llava bundle (``export.graphs.LOWERED``)
-parses and builds into a serialized engine with the bundle's optimisation profiles.
+parses and builds into a serialized engine with the bundle's optimisation profiles, with the ``edgeprune``
+IPluginV3 creators registered: graphs with fused nodes (GridPrune's ``ZonalTopK``, G-Prune's ``GraphRank``)
+must hold a ``PLUGIN_V3`` layer for each (not the inlined function body) and their plans the plugin's name.
+The flavour fixture creates the TensorRT-for-RTX library symlink first (``capability.ensure_rtx_parser_libs``):
+without it a plugin node aborts the whole pytest process.
 
 Two flavours, one test body: TensorRT for RTX (``tensorrt_rtx_bindings``; builds on a CPU-only machine, skipped
 when not installed) and full TensorRT (``tensorrt``, marked ``trt``; needs its GPU, skipped when ``import
@@ -17,6 +21,7 @@ import numpy as np
 import pytest
 
 from edgeprune.engines import capability as cap
+from edgeprune.engines.plugins.onnx_modes import fused_ops
 from edgeprune.engines.rtx import (EngineBuildError, build_bundle_engines, build_engine, bundle_profiles, deserialize,
                                    engine_io, make_builder, profile_ranges, symbol_bounds)
 from edgeprune.export.graphs import LOWERED
@@ -54,6 +59,15 @@ def _cases():
     return out
 
 
+def _with_plugins(fl):
+    """Make plugin nodes parseable (RTX library symlink) and register the creators (process-wide, idempotent)."""
+    from edgeprune.engines.plugins import register_plugins
+
+    cap.ensure_rtx_parser_libs()
+    register_plugins(fl.module)
+    return fl
+
+
 @pytest.fixture(scope="module", params=FLAVOURS)
 def flavour(request):
     pytest.importorskip(MODULES[request.param])
@@ -62,13 +76,24 @@ def flavour(request):
         make_builder(fl)
     except EngineBuildError as exc:  # full TensorRT on a machine without its GPU
         pytest.skip(str(exc))
-    return fl
+    return _with_plugins(fl)
 
 
 @pytest.fixture(scope="module")
 def rtx():
     pytest.importorskip("tensorrt_rtx_bindings")
-    return cap.detect("tensorrt-rtx")
+    return _with_plugins(cap.detect("tensorrt-rtx"))
+
+
+def _plugin_layers(fl, onnx_path):
+    """Names of the ``PLUGIN_V3`` layers the parser makes of a graph (the creators are registered)."""
+    trt = fl.module
+    logger = trt.Logger(trt.Logger.ERROR)
+    network = make_builder(fl).create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse_from_file(str(onnx_path)), [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    return [layer.name for layer in layers if layer.type == trt.LayerType.PLUGIN_V3]
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +138,15 @@ def test_every_graph_builds(case, flavour, bundles, plan_cache, tmp_path):
     builds = build_bundle_engines(root, tmp_path, flavour=flavour, opt_level=0, cache=plan_cache)
     assert set(builds) == set(manifest["graphs"])
     profiles = bundle_profiles(manifest)
+    fused_graphs = set()
     for name, b in builds.items():
         assert b.nbytes > 0 and b.path.stat().st_size == b.nbytes
+        fused = fused_ops(root / manifest["graphs"][name].get("files", [f"{name}.onnx"])[0])
+        if fused:  # the fused node became our plugin, in the network and in the plan
+            fused_graphs.add(name)
+            assert _plugin_layers(flavour, root / f"{name}.onnx") == [f"/prune/{op}" for op in fused]
+            plan = b.path.read_bytes()
+            assert all(op.encode() in plan for op in fused) and b"edgeprune" in plan, name
         two = name == "decoder" and manifest["method"]["placement"] == "pre_llm"  # prefill + decode phases
         assert b.profiles == profiles[name] and len(b.profiles) == (2 if two else 1)
         engine, messages = deserialize(b.path.read_bytes(), flavour)
@@ -127,6 +159,8 @@ def test_every_graph_builds(case, flavour, bundles, plan_cache, tmp_path):
         assert sorted(io["inputs"]) == sorted(t["name"] for t in spec["inputs"])  # runners bind by name
         assert sorted(io["outputs"]) == sorted(t["name"] for t in spec["outputs"])
         assert io["profiles"] == len(b.profiles)
+    if _case(case)[0] in ("gridprune", "gprune"):  # the methods with a fused op: its graph was checked
+        assert fused_graphs == {"prune"}
 
 
 def test_decoder_profiles_cover_prefill_and_decode(bundles):
