@@ -38,8 +38,11 @@ correct quantization stays far below and a wrong one (a transposed or misaligned
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -176,8 +179,27 @@ def gemm_to_matmul(proto: Any) -> int:
     return count
 
 
+def _quantizer() -> Any:
+    """``onnxruntime.quantization.matmul_nbits_quantizer``, imported without its side effect on logging.
+
+    Why: that module calls ``logging.basicConfig(level=INFO)`` when imported, which would make every library
+    logger of the process print INFO lines (and the quantizer logs one per node); the root logger's handlers and
+    level are restored and the quantizer's own logger is set to WARNING.
+    """
+    require("onnxruntime")
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        module = importlib.import_module("onnxruntime.quantization.matmul_nbits_quantizer")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    logging.getLogger(module.__name__).setLevel(logging.WARNING)
+    return module
+
+
 def _algo_config(cfg: WeightConfig) -> Any:
-    q = require("onnxruntime").quantization.matmul_nbits_quantizer
+    q = _quantizer()
     if cfg.method == "hqq":
         return q.HQQWeightOnlyQuantConfig(block_size=cfg.block_size, bits=cfg.bits)
     return q.DefaultWeightOnlyQuantConfig(block_size=cfg.block_size, is_symmetric=False,
@@ -192,12 +214,11 @@ def quantize_proto(proto: Any, cfg: WeightConfig) -> tuple[Any, dict[str, int]]:
     where "left" counts the MatMul/Gemm nodes that still have a constant weight (none for the LLM graphs).
     """
     onnx = require("onnx")
-    require("onnxruntime")
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
     gemm_to_matmul(proto)
-    quantizer = MatMulNBitsQuantizer(proto, algo_config=_algo_config(cfg))
-    quantizer.process()
+    quantizer = _quantizer().MatMulNBitsQuantizer(proto, algo_config=_algo_config(cfg))
+    with warnings.catch_warnings():  # HQQ hands torch read-only numpy views; it only reads them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        quantizer.process()
     out = quantizer.model.model
     for node in out.graph.node:
         if node.op_type == "MatMulNBits":
