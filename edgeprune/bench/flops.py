@@ -17,7 +17,9 @@ Dv, Fv, Lv: the CLIP tower; S = P + 1 tokens per view with the [CLS]):
 * decode step at per-layer KV length ``c_l`` (including the new token):
   ``Σ_l [2·(2D² + 2·D·kv + 3·D·F) + 4·c_l·D] + 2·D·V``;
 * bytes read per decode step: every LLM weight once (layers, final norm, LM head, one embedding row) plus the
-  K and V cache of every layer, ``Σ_l 2·c_l·kv`` elements;
+  K and V cache of every layer, ``Σ_l 2·c_l·kv`` elements; the minimum bytes of vision (its weights up to the
+  feature layer and the projector) and of prefill (the LLM weights plus the KV cache it writes), for the
+  roofline (:mod:`edgeprune.bench.roofline`);
 * pruning: see :func:`prune_flops`.
 
 The ideal TTFT speedup of a pruned request is ``(vision + prefill_full) / (vision + prune + prefill_pruned)``
@@ -356,6 +358,14 @@ def decode_bytes(t: TextDims, cache: Sequence[int], weight_bytes: int, kv_bytes:
     return weights * weight_bytes + kv * (kv_bytes or weight_bytes)
 
 
+def vision_weight_bytes(d: ModelDims, weight_bytes: int) -> float:
+    """Bytes of the vision tower's weights up to the feature layer, the patch embedding and the projector."""
+    v = d.vision
+    layer = 4 * v.hidden * v.hidden + 2 * v.hidden * v.ffn
+    patch = v.channels * v.patch_size ** 2 * v.hidden + (v.patches + 1) * v.hidden
+    return float(weight_bytes * (v.feature_layers * layer + patch + sum(i * o for i, o in d.projector)))
+
+
 def ideal_ttft_speedup(full: dict[str, float], pruned: dict[str, float]) -> float:
     """``(vision + prefill_full) / (vision + prune + prefill_pruned)`` from two :func:`request_flops` results
     (vision includes the projector, prune includes the guidance)."""
@@ -372,7 +382,8 @@ def request_flops(d: ModelDims, m: MethodCost, s: RequestShape, weight_bytes: in
         HF's ``get_image_features`` runs, for comparison), ``projector``,
         ``guidance``, ``prune``, ``prefill``, ``ttft`` (the sum of the previous five, vision up to the feature
         layer), ``decode_first_step``, ``decode_total`` (``new_tokens - 1`` steps), ``decode_bytes_first_step``,
-        ``layer_visual_tokens`` ([L]) and ``cache_lengths`` ([L] after prefill), FLOPs and bytes as floats.
+        ``vision_bytes``, ``prefill_bytes`` (minimum bytes moved), ``layer_visual_tokens`` ([L]) and
+        ``cache_lengths`` ([L] after prefill), FLOPs and bytes as floats.
     """
     t = d.text
     entering, final = layer_visual_tokens(m, s, t.layers)
@@ -389,5 +400,8 @@ def request_flops(d: ModelDims, m: MethodCost, s: RequestShape, weight_bytes: in
     out["decode_first_step"] = decode_flops(t, [c + 1 for c in cache])
     out["decode_total"] = sum(decode_flops(t, [c + j for c in cache]) for j in range(1, steps + 1))
     out["decode_bytes_first_step"] = decode_bytes(t, [c + 1 for c in cache], weight_bytes)
+    # Minimum bytes of the compute-bound stages (for the roofline): weights once, plus the KV cache prefill writes.
+    out["vision_bytes"] = vision_weight_bytes(d, weight_bytes)
+    out["prefill_bytes"] = decode_bytes(t, cache, weight_bytes)
     out["layer_visual_tokens"], out["cache_lengths"] = entering, cache
     return out

@@ -10,13 +10,19 @@ import json
 import math
 import os
 import tempfile
+import textwrap
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .._deps import require
 
 COLUMNS = ("backend", "method", "K", "LLM in", "vision", "guid+prune", "prefill", "decode/step", "TTFT p50 (p90)",
-           "tok/s", "e2e", "prefill FLOPs x", "TTFT x", "ideal x", "eff", "prune %", "RSS MB")
+           "tok/s", "e2e", "prefill FLOPs x", "TTFT x", "ideal x", "eff", "prune %", "RSS MB", "vision %peak",
+           "prefill %peak", "decode %BW", "decode bound tok/s")
+# The printed table keeps what fits ~120 columns; the markdown and JSON have every column.
+TEXT_COLUMNS = ("backend", "method", "K", "vision", "g+prune", "prefill", "dec/step", "TTFT", "tok/s",
+                "TTFT x (ideal)", "roofline v/p/d %")
+WIDTH = 120
 _TTFT_STAGES = ("preprocess", "vision", "guidance", "prune", "embed", "prefill")
 _COLORS = {"none": "black", "random": "tab:gray", "uniform": "tab:olive", "cls-topk": "tab:blue",
            "gridprune": "tab:green", "gprune": "tab:red", "fitprune": "tab:purple", "fastv": "tab:orange"}
@@ -44,7 +50,28 @@ def table_rows(doc: dict[str, Any]) -> list[list[str]]:
             _f(r["total_ms"]["p50"]), _f(vs.get("prefill_flops_ratio"), "{:.2f}"),
             _f(vs.get("ttft_speedup"), "{:.2f}"), _f(vs.get("ideal_ttft_speedup"), "{:.2f}"),
             _f(vs.get("ttft_efficiency"), "{:.0%}"), _f(100 * r["prune_share_of_ttft"], "{:.2f}"),
-            _f(r["memory"]["peak_rss_mb"], "{:.0f}")])
+            _f(r["memory"]["peak_rss_mb"], "{:.0f}"), *_roof_cells(r)])
+    return out
+
+
+def _roof_cells(r: dict[str, Any]) -> list[str]:
+    """vision and prefill % of the GEMM ceiling, decode % of the bandwidth, decode's bound tokens/s."""
+    roof = r.get("roofline") or {}
+    v, p, d = (roof.get(s) or {} for s in ("vision", "prefill", "decode_step"))
+    pct = lambda x: _f(None if x is None else 100 * x, "{:.0f}")  # noqa: E731
+    return [pct(v.get("flops_fraction")), pct(p.get("flops_fraction")), pct(d.get("bytes_fraction")),
+            _f(d.get("bound_tokens_per_s"), "{:.0f}")]
+
+
+def text_rows(doc: dict[str, Any]) -> list[list[str]]:
+    """The printed table's cells (:data:`TEXT_COLUMNS`), taken from :func:`table_rows`."""
+    out = []
+    for full in table_rows(doc):
+        cell = dict(zip(COLUMNS, full))
+        roof = "/".join(cell[c] for c in ("vision %peak", "prefill %peak", "decode %BW"))
+        out.append([cell["backend"], cell["method"], cell["K"], cell["vision"], cell["guid+prune"], cell["prefill"],
+                    cell["decode/step"], cell["TTFT p50 (p90)"].split(" ")[0], cell["tok/s"],
+                    f"{cell['TTFT x']} ({cell['ideal x']})", "-" if roof == "-/-/-" else roof])
     return out
 
 
@@ -65,6 +92,18 @@ def _header(doc: dict[str, Any]) -> str:
                                                  if c["schedule"] == "interleaved" else ""))
 
 
+def _roofline_lines(doc: dict[str, Any]) -> list[str]:
+    """The measured ceilings per backend and the stage furthest from its limit."""
+    from .roofline import ceilings_text
+
+    lines = [ln for ln in ceilings_text(doc.get("ceilings")).splitlines() if ln]
+    far = doc.get("roofline_furthest")
+    if far:
+        lines.append(f"furthest from its limit: {far['stage']} of {far['backend']} {far['method']} K={far['kept_tokens']} "
+                     f"at {100 * far['efficiency']:.0f} % of its {far['bound'] or 'roofline'} bound: optimise that next")
+    return lines
+
+
 def _checks(doc: dict[str, Any]) -> list[str]:
     lines = []
     for ch in doc.get("checks", []):
@@ -77,13 +116,16 @@ def _checks(doc: dict[str, Any]) -> list[str]:
 
 def text_table(doc: dict[str, Any]) -> str:
     """A fixed-width table for the terminal, then skipped combinations and target checks."""
-    rows = [list(COLUMNS)] + table_rows(doc)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
-    lines = [_header(doc)]
-    lines += ["  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+    rows = [list(TEXT_COLUMNS)] + text_rows(doc)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(TEXT_COLUMNS))]
+    lines = textwrap.wrap(_header(doc), WIDTH)
+    lines += [" ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths)))
               for r in rows]
-    lines += [f"skipped {s}" for s in _skipped(doc)]
-    lines += _checks(doc)
+    notes = ["ms p50; roofline v/p/d %: vision and prefill FLOP/s as % of the GEMM ceiling, decode bytes/s as % of "
+             "the copy bandwidth; every column is in --markdown and --out"]
+    notes += [f"skipped {s}" for s in _skipped(doc)] + _roofline_lines(doc) + _checks(doc)
+    for note in notes:
+        lines += textwrap.wrap(note, WIDTH, subsequent_indent="    ")
     return "\n".join(lines)
 
 
@@ -92,11 +134,10 @@ def markdown_table(doc: dict[str, Any]) -> str:
     lines = [f"_{_header(doc)}_", "", "| " + " | ".join(COLUMNS) + " |",
              "|" + "|".join("---" if i < 2 else "---:" for i in range(len(COLUMNS))) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(doc)]
-    skipped, checks = _skipped(doc), _checks(doc)
-    if skipped:
-        lines += [""] + [f"- skipped {s}" for s in skipped]
-    if checks:
-        lines += [""] + [f"- {c}" for c in checks]
+    skipped, checks, roof = _skipped(doc), _checks(doc), _roofline_lines(doc)
+    for block in (skipped and [f"skipped {s}" for s in skipped], roof, checks):
+        if block:
+            lines += [""] + [f"- {c}" for c in block]
     return "\n".join(lines) + "\n"
 
 
@@ -107,8 +148,10 @@ def figure(doc: dict[str, Any], dpi: int = 80) -> Any:
     from matplotlib.figure import Figure
 
     ok = [r for r in doc["results"] if r["status"] == "ok"]
-    fig = Figure(figsize=(13, 3.6), dpi=dpi, layout="constrained")
-    ax_ttft, ax_dec, ax_bar = fig.subplots(1, 3, width_ratios=(1, 1, 1.6))
+    fig = Figure(figsize=(16, 10), dpi=dpi, layout="constrained")
+    grid = fig.subplot_mosaic([["ttft", "dec", "legend"], ["bar", "bar", "bar"]], width_ratios=(1, 1, 0.45),
+                              height_ratios=(1, 1.05))
+    ax_ttft, ax_dec, ax_bar, ax_leg = grid["ttft"], grid["dec"], grid["bar"], grid["legend"]
     for (method, backend), rs in _series(ok).items():
         xs = [r["kept_tokens"] for r in rs]
         style = dict(color=_COLORS.get(method), linestyle="-" if backend == "torch" else "--",
@@ -118,13 +161,17 @@ def figure(doc: dict[str, Any], dpi: int = 80) -> Any:
         ax_dec.plot(xs, [r["decode_tokens_per_s"]["p50"] for r in rs], **style)
     for ax, title in ((ax_ttft, "TTFT p50 (ms)"), (ax_dec, "decode tokens/s (p50)")):
         ax.set_xlabel("kept visual tokens")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=12)
         ax.grid(alpha=0.3)
     ax_ttft.set_ylim(bottom=0)
     ax_dec.set_ylim(bottom=0)
-    ax_ttft.legend(fontsize=7)
+    # The legend gets its own panel, so it never covers a line.
+    ax_leg.axis("off")
+    handles, labels = ax_ttft.get_legend_handles_labels()
+    ax_leg.legend(handles, labels, loc="center left", fontsize=10, frameon=False,
+                  title="method (backend): solid torch, dashed ORT")
     _stacked(ax_bar, ok)
-    fig.suptitle(f"edgeprune bench: {doc['model']['name']} on {_device(doc)}", fontsize=10)
+    fig.suptitle(f"edgeprune bench: {doc['model']['name']} on {_device(doc)}", fontsize=13)
     return fig
 
 
@@ -148,9 +195,9 @@ def _stacked(ax: Any, rows: Sequence[dict[str, Any]]) -> None:
         vals = [r["stages"][stage]["p50_ms"] for r in rows]
         ax.bar(range(len(rows)), vals, bottom=bottom, color=color, label=stage, width=0.8)
         bottom = [b + v for b, v in zip(bottom, vals)]
-    ax.set_xticks(range(len(rows)), labels, rotation=70, fontsize=6, ha="right")
-    ax.set_title("TTFT breakdown, p50 ms (t = torch, o = ORT)", fontsize=10)
-    ax.legend(fontsize=7, ncols=2)
+    ax.set_xticks(range(len(rows)), labels, rotation=60, fontsize=8, ha="right")
+    ax.set_title("TTFT breakdown, p50 ms (t = torch, o = ORT)", fontsize=12)
+    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0)
     ax.grid(axis="y", alpha=0.3)
 
 

@@ -14,12 +14,19 @@ measured repeats (numpy's linear-interpolation percentiles)::
                        calls}}, decode_step{p50_ms, p90_ms, mean_ms, min_ms, steps},
                 ttft_ms{p50, p90, mean, min}, total_ms{...}, decode_tokens_per_s{...},
                 memory{peak_rss_mb, device_peak_mb}, flops{vision, vision_executed, projector, guidance, prune,
-                prefill, ttft, decode_first_step, decode_total, decode_bytes_first_step, layer_visual_tokens,
-                cache_lengths}, prune_share_of_ttft, vs_none{ttft_speedup, prefill_speedup, decode_speedup,
+                prefill, ttft, decode_first_step, decode_total, decode_bytes_first_step, vision_bytes, prefill_bytes,
+                layer_visual_tokens, cache_lengths}, prune_share_of_ttft, vs_none{ttft_speedup, prefill_speedup, decode_speedup,
                 prefill_flops_ratio, ideal_ttft_speedup, ttft_efficiency}, ort_vs_torch{vision, prefill,
                 decode_step, ttft} (ORT rows with a torch twin), samples{ttft_ms[], total_ms[], stages_ms{}}}],
      statistic: which of p50/min/mean/p90 the ratios and checks use (default p50),
-     checks: [{target, backend, method, value, threshold, met, detail}]}
+     checks: [{target, backend, method, value, threshold, met, detail}],
+     ceilings{backend: {flops_per_s, bytes_per_s, gemm, copy, threads, quick, error}},
+     roofline_furthest{backend, method, kept_tokens, stage, efficiency, bound}}
+
+Each measured row also has ``roofline{vision|prefill|decode_step: {flops, bytes, ms, flops_per_s, bytes_per_s,
+flops_fraction, bytes_fraction, bound, roofline_ms, efficiency}}`` (decode_step adds ``tokens_per_s`` and
+``bound_tokens_per_s``) when the run measured ceilings (:mod:`edgeprune.bench.roofline`); ``machine.isa`` holds
+the CPU's ISA extensions (AVX2/AVX-512/AMX, ARM features) and ARM core types.
 
 Every stage of :data:`~edgeprune.runtime.profiler.STAGES` is present in ``stages``; a stage that did not run
 (``guidance`` for a method without text guidance) has ``calls = 0`` and 0 ms.
@@ -32,6 +39,7 @@ from typing import Any, Sequence
 
 from ..runtime.profiler import STAGES
 from . import flops as F
+from . import roofline as RF
 from .system import summary
 
 FORMAT = "edgeprune-bench"
@@ -129,11 +137,13 @@ def _row(c: Any, ctx: Context, dims: F.ModelDims) -> dict[str, Any]:
     return row
 
 
-def combo_results(combos: Sequence[Any], ctx: Context, statistic: str = "p50") -> list[dict[str, Any]]:
-    """One result row per combination (schema in the module docstring), with the ratios filled in."""
+def combo_results(combos: Sequence[Any], ctx: Context, statistic: str = "p50",
+                  ceilings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One result row per combination (schema in the module docstring), with the ratios (and, given the
+    measured ``ceilings`` per backend, the roofline figures) filled in."""
     dims = F.dims_from_config(ctx.loaded.config)
     rows = [_row(c, ctx, dims) for c in combos]
-    derive(rows, statistic)
+    derive(rows, statistic, ceilings)
     return rows
 
 
@@ -150,8 +160,9 @@ def recompute(doc: dict[str, Any], statistic: str) -> dict[str, Any]:
     if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
         raise EdgepruneError(f"not an {FORMAT} v{FORMAT_VERSION} results file (format {doc.get('format')!r}, "
                              f"version {doc.get('format_version')!r}); re-run edgeprune bench")
-    derive(doc["results"], statistic)
+    derive(doc["results"], statistic, doc.get("ceilings"))
     doc["statistic"], doc["checks"] = statistic, evaluate_targets(doc["results"], statistic)
+    doc["roofline_furthest"] = RF.furthest(doc["results"])
     return doc
 
 
@@ -166,13 +177,15 @@ def _t(r: dict[str, Any], what: str, stat: str) -> float:
     return (r["decode_step"] if what == "decode_step" else r["stages"][what])[f"{stat}_ms"]
 
 
-def derive(rows: list[dict[str, Any]], statistic: str = "p50") -> None:
+def derive(rows: list[dict[str, Any]], statistic: str = "p50", ceilings: dict[str, Any] | None = None) -> None:
     """Fill the ratios of every measured row in place, from the ``statistic`` of each time.
 
     ``prune_share_of_ttft``; ``vs_none`` against the ``none`` row of the same backend (TTFT, prefill and
     decode-step speedups, the prefill FLOPs ratio, the ideal TTFT speedup and measured / ideal);
     ``ort_vs_torch`` (torch time / ORT time) for ORT rows with a torch twin of the same method and K.
     ``p50`` is the default; ``min`` (the quietest repeat) is the robust choice on a machine shared with other work.
+    With ``ceilings`` (``{backend: ceiling}``, :func:`~edgeprune.bench.roofline.measure_ceilings`), ``roofline``
+    holds :func:`~edgeprune.bench.roofline.row_roofline` of the row.
     """
     ok = [r for r in rows if r["status"] == "ok"]
     base = {r["backend"]: r for r in ok if r["method"] == "none"}
@@ -190,6 +203,8 @@ def derive(rows: list[dict[str, Any]], statistic: str = "p50") -> None:
                 "decode_speedup": _ratio(_t(b, "decode_step", statistic), _t(r, "decode_step", statistic)),
                 "prefill_flops_ratio": _ratio(b["flops"]["prefill"], r["flops"]["prefill"]),
                 "ideal_ttft_speedup": ideal, "ttft_efficiency": _ratio(measured, ideal)}
+        if ceilings and r["backend"] in ceilings:
+            r["roofline"] = RF.row_roofline(r, ceilings[r["backend"]], statistic)
         t = twins.get((r["method"], r["kept_tokens"]))
         if r["backend"] == "ort" and t is not None:
             r["ort_vs_torch"] = {k: _ratio(_t(t, k, statistic), _t(r, k, statistic))
@@ -217,12 +232,13 @@ def evaluate_targets(rows: Sequence[dict[str, Any]], statistic: str = "p50") -> 
     * ``prune_share``: guidance + prune < 2 % of TTFT, every pre-LLM method (not ``none``), per backend;
     * ``ttft_efficiency``: measured TTFT speedup over ``none`` >= 80 % of the ideal FLOPs speedup;
     * ``ort_prefill_speedup``: ORT prefill at N over prefill at the smallest K >= 4x (pre-LLM methods);
-    * ``ort_beats_torch_<stage>``: torch / ORT time > 1 for vision, prefill and decode step, every twin.
+    * ``ort_beats_torch_<stage>``: torch / ORT time > 1 for vision, prefill and decode step, every twin;
+    * ``roofline_<stage>``: :func:`~edgeprune.bench.roofline.roofline_checks` (rows with roofline figures).
     """
     ok = [r for r in rows if r["status"] == "ok"]
     pruned = [r for r in ok if r["method"] != "none"]
     if not pruned:
-        return []
+        return RF.roofline_checks(ok)
     k_min = min(r["kept_tokens"] for r in pruned)
     out = []
     for r in (r for r in pruned if r["kept_tokens"] == k_min):
@@ -244,4 +260,4 @@ def evaluate_targets(rows: Sequence[dict[str, Any]], statistic: str = "p50") -> 
             out.append(_check(f"ort_beats_torch_{stage}", "ort", "all", worst[2], 1.0, True,
                               f"min torch/ORT {statistic} over {len(vals)} combinations (worst: {worst[0]} "
                               f"K={worst[1]})"))
-    return out
+    return out + RF.roofline_checks(ok)

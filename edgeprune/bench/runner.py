@@ -25,9 +25,10 @@ from .._deps import available, require
 from ..errors import BackendError, BudgetError, EdgepruneError
 from ..methods.base import Budget
 from . import results as R
+from . import roofline as RF
 from .system import PeakRss, machine_info, max_rss_bytes, synth_question, versions
 
-BACKENDS = ("torch", "ort")
+BACKENDS = ("torch", "ort", "trt")  # trt: each bundle built with `edgeprune build` defaults
 SCHEDULES = ("sequential", "interleaved")
 
 
@@ -65,6 +66,7 @@ class BenchOptions:
     opset: int = 18
     ort_decoder: str = "auto"
     statistic: str = "p50"
+    ceilings: str = "measure"
     env: Mapping[str, str] = field(default_factory=dict)
     command: str = ""
 
@@ -118,7 +120,13 @@ def check_options(o: BenchOptions) -> None:
                              o.prompt_tokens, 1), ("--new-tokens", o.new_tokens, 1), ("--threads", o.threads or 1, 1)):
         if value < low:
             raise EdgepruneError(f"{name} must be >= {low}; got {value}")
-    if "ort" in o.backends:
+    if o.ceilings not in RF.CEILING_MODES:
+        raise EdgepruneError(f"--ceilings must be one of {', '.join(RF.CEILING_MODES)}; got {o.ceilings!r}")
+    if "trt" in o.backends:  # no usable TensorRT or GPU: one clear error before any export
+        from ..runtime.trt_backend import check_usable
+
+        check_usable()
+    if "ort" in o.backends or "trt" in o.backends:
         from ..export.exporter import MAX_OPSET, MIN_OPSET
         from ..bundle.format import ORT_DECODER_CHOICES
 
@@ -190,22 +198,30 @@ def run_bench(o: BenchOptions, log: Callable[[str], None] | None = None) -> Benc
                                             o.prompt_tokens)
         views, n = _count_visual(loaded, image)
         combos = plan(o, n)
-        with tempfile.TemporaryDirectory(prefix="edgeprune-bench-") as tmp:
-            _export_bundles(combos, loaded, o, Path(tmp), log)
-            _measure(combos, loaded, o, image, question, log)
+        n_export = sum(c.backend in ("ort", "trt") for c in combos)
+        per_combo = 1 if o.schedule == "sequential" else 1 + o.repeat
+        # One bar over the whole sweep: exports, the ceilings, then the runs (skipped combinations drop out).
+        with tempfile.TemporaryDirectory(prefix="edgeprune-bench-") as tmp, \
+                _progress(n_export + 1 + per_combo * len(combos), log) as bar:
+            _export_bundles(combos, loaded, o, Path(tmp), log, bar)
+            bar.drop(per_combo * sum(c.skipped is not None for c in combos))
+            ceilings = _ceilings(o, log)
+            bar.step("ceilings measured" if ceilings else "ceilings skipped")
+            _measure(combos, loaded, o, image, question, bar)
             _fill_clip_configs(combos, loaded, o)
             threads = _thread_info(torch, combos, o)
             for c in combos:
                 c.pipe = None  # close ORT sessions before their files go
         ctx = R.Context(loaded=loaded, views=views, question_tokens=q_tokens, dtype=o.dtype)
-        rows = R.combo_results(combos, ctx, o.statistic)
+        rows = R.combo_results(combos, ctx, o.statistic, ceilings)
     finally:
         torch.set_num_threads(before)
     doc = {"format": R.FORMAT, "format_version": R.FORMAT_VERSION, "created": started, "command": o.command,
            "config": _config(o), "machine": machine_info(o.device), "versions": versions(), "threads": threads,
            "model": R.model_info(loaded, n, views, o), "prompt": {"question": question, "question_tokens": q_tokens,
                                                                  "requested_tokens": o.prompt_tokens},
-           "results": rows, "statistic": o.statistic, "checks": R.evaluate_targets(rows, o.statistic)}
+           "results": rows, "statistic": o.statistic, "checks": R.evaluate_targets(rows, o.statistic),
+           "ceilings": ceilings, "roofline_furthest": RF.furthest(rows)}
     return BenchRun(doc=doc, trace=chrome_trace(combos))
 
 
@@ -242,13 +258,29 @@ def _count_visual(loaded: Any, image: Any) -> tuple[int, int]:
     return int(pixels.shape[0]) if pixels.ndim == 4 else 1, int(backend.encode_image(pixels, size).n)
 
 
-def _export_bundles(combos: list[Combo], loaded: Any, o: BenchOptions, tmp: Path, log: Callable[[str], None]) -> None:
+def _ceilings(o: BenchOptions, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The machine's ceilings per backend (``--ceilings measure|quick|skip``), measured with the run's threads."""
+    if o.ceilings == "skip":
+        log("roofline: ceilings not measured (--ceilings skip)")
+        return None
+    providers = ["CPUExecutionProvider"]
+    if "ort" in o.backends:
+        from ..runtime.ort_backend import resolve_providers
+
+        providers = resolve_providers(o.providers)
+    return RF.measure_ceilings(o.backends, o.dtype, o.device, providers, o.threads, quick=o.ceilings == "quick",
+                               log=log)
+
+
+def _export_bundles(combos: list[Combo], loaded: Any, o: BenchOptions, tmp: Path, log: Callable[[str], None],
+                    bar: Any = None) -> None:
     """One bundle per ORT (method, K); a method the exporter refuses is recorded as skipped, not fatal."""
+    bar = bar or _Bar(0, lambda msg: None)
     from ..export.exporter import export_bundle
 
     first: str | None = None
     for i, c in enumerate(combos):
-        if c.backend != "ort":
+        if c.backend not in ("ort", "trt"):
             continue
         out = tmp / f"{i:02d}-{c.method}"
         args = c.method_args or None
@@ -259,14 +291,22 @@ def _export_bundles(combos: list[Combo], loaded: Any, o: BenchOptions, tmp: Path
         except EdgepruneError as exc:  # typed refusals (no lowering yet, dtype): record, keep going
             c.skipped = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
             log(f"skip {c.label}: {c.skipped}")
+            bar.step(f"export {c.label}: skipped")
             continue
         c.bundle, first = str(out), first or str(out)
+        if c.backend == "trt":
+            from ..engines.build import BuildRequest, build_bundle
+
+            build_bundle(BuildRequest(bundle=out), log_line=lambda m: log(f"  build: {m}"))
+        bar.step(f"exported {c.label}")
 
 
 def _build(c: Combo, loaded: Any, o: BenchOptions) -> Any:
     from ..api import build_pipeline
 
-    if c.backend == "ort":
+    if c.backend == "trt":
+        pipe = build_pipeline(None, None, backend="trt", bundle=c.bundle)
+    elif c.backend == "ort":
         pipe = build_pipeline(None, None, backend="ort", bundle=c.bundle, providers=list(o.providers),
                               ort_decoder=o.ort_decoder)
         if o.threads:
@@ -276,7 +316,7 @@ def _build(c: Combo, loaded: Any, o: BenchOptions) -> Any:
                               method_args=c.method_args or None, loaded=loaded, device=o.device,
                               dtype=o.dtype, clip=o.clip, kernels=o.kernels)
     clip = getattr(pipe.backend, "clip", None)
-    if c.backend == "ort":
+    if c.backend in ("ort", "trt"):
         c.guidance_source = pipe.backend.bundle.method.get("guidance")
     elif pipe.backend.needs_guidance:
         c.guidance_source = "clip" if clip is not None else "llm"
@@ -377,50 +417,61 @@ def _noop() -> Iterator[None]:
     yield
 
 
-def _measure(combos: list[Combo], loaded: Any, o: BenchOptions, image: Any, question: str,
-             log: Callable[[str], None]) -> None:
-    """Warm up and measure every runnable combination, sequentially or interleaved, with a progress bar."""
+def _measure(combos: list[Combo], loaded: Any, o: BenchOptions, image: Any, question: str, bar: Any) -> None:
+    """Warm up and measure every runnable combination, sequentially or interleaved, stepping ``bar``."""
     torch = require("torch")
     todo = [c for c in combos if c.skipped is None]
-    with _progress(len(todo) if o.schedule == "sequential" else len(todo) * o.repeat, log) as tick:
-        if o.schedule == "sequential":
-            for c in todo:
-                c.pipe = _build(c, loaded, o)
-                for i in range(o.warmup + o.repeat):
-                    _run_once(c, image, question, o, torch, measured=i >= o.warmup)
-                c.pipe = None  # release ORT sessions before the next combination
-                tick(c.label)
-            return
+    if o.schedule == "sequential":
         for c in todo:
             c.pipe = _build(c, loaded, o)
-            for _ in range(o.warmup):
-                _run_once(c, image, question, o, torch, measured=False)
-        for r in range(o.repeat):
-            for c in todo:
-                _run_once(c, image, question, o, torch, measured=True)
-                tick(f"{c.label} (repeat {r + 1})")
+            for i in range(o.warmup + o.repeat):
+                _run_once(c, image, question, o, torch, measured=i >= o.warmup)
+            c.pipe = None  # release ORT sessions before the next combination
+            bar.step(c.label)
+        return
+    for c in todo:
+        c.pipe = _build(c, loaded, o)
+        for _ in range(o.warmup):
+            _run_once(c, image, question, o, torch, measured=False)
+        bar.step(f"{c.label} (built, warmed up)")
+    for r in range(o.repeat):
+        for c in todo:
+            _run_once(c, image, question, o, torch, measured=True)
+            bar.step(f"{c.label} (repeat {r + 1})")
+
+
+class _Bar:
+    """A progress bar over the whole sweep: tqdm on stderr when installed, else one line per step via ``log``."""
+
+    def __init__(self, total: int, log: Callable[[str], None], tqdm_bar: Any = None) -> None:
+        self.total, self.done, self._log, self._tqdm = total, 0, log, tqdm_bar
+
+    def step(self, msg: str) -> None:
+        self.done += 1
+        if self._tqdm is not None:
+            self._tqdm.set_postfix_str(msg, refresh=False)
+            self._tqdm.update(1)
+        else:
+            self._log(f"[{self.done}/{self.total}] {msg}")
+
+    def drop(self, n: int) -> None:
+        """Remove ``n`` steps that will not happen (skipped combinations)."""
+        self.total -= n
+        if self._tqdm is not None and n:
+            self._tqdm.total = self.total
+            self._tqdm.refresh()
 
 
 @contextmanager
-def _progress(total: int, log: Callable[[str], None]) -> Iterator[Callable[[str], None]]:
-    """tqdm on stderr when installed, else one line per finished step through ``log``."""
+def _progress(total: int, log: Callable[[str], None]) -> Iterator[_Bar]:
+    """A :class:`_Bar` of ``total`` steps (tqdm when installed)."""
     try:
         from tqdm import tqdm
     except ImportError:
-        done = [0]
-
-        def line(msg: str) -> None:
-            done[0] += 1
-            log(f"[{done[0]}/{total}] {msg}")
-
-        yield line
+        yield _Bar(total, log)
         return
-    with tqdm(total=total, desc="bench", unit="run", file=sys.stderr, leave=False) as bar:
-        def tick(msg: str) -> None:
-            bar.set_postfix_str(msg, refresh=False)
-            bar.update(1)
-
-        yield tick
+    with tqdm(total=total, desc="bench", unit="step", file=sys.stderr, leave=False) as bar:
+        yield _Bar(total, log, bar)
 
 
 def _thread_info(torch: Any, combos: list[Combo], o: BenchOptions) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """What a benchmark records about where it ran, and the small measuring helpers it needs.
 
-Machine (CPU model, logical/physical cores, memory, GPU), library versions, thread settings, percentiles, the
+Machine (CPU model, ISA extensions such as AVX2/AVX-512/AMX or the ARM core types, logical/physical cores, memory,
+GPU with driver and CUDA versions), library versions, thread settings, percentiles, the
 peak resident memory of a run (a sampling thread over ``/proc/self/statm``, no tracemalloc: tracing every
 allocation would slow the run it measures) and the synthetic question of an exact token count. Torch-free at
 import time; torch is only touched when the caller already uses it.
@@ -17,7 +18,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-_LIBRARIES = ("edgeprune", "torch", "transformers", "onnxruntime", "onnx", "tokenizers", "numpy", "matplotlib")
+_LIBRARIES = ("edgeprune", "torch", "transformers", "onnxruntime", "onnxruntime-gpu", "onnx", "tokenizers", "numpy",
+              "pillow", "matplotlib", "triton", "tensorrt_rtx_cu13_bindings", "tensorrt", "cuda-python")
+# ISA extensions that decide which GEMM kernels a library can pick (x86 flags, ARM "Features").
+_ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+              "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16",
+              "asimd", "asimdhp", "asimddp", "fphp", "sve", "sve2", "i8mm", "bf16", "sme")
+# ARM "CPU part" ids of the cores we meet (Jetson Orin: Cortex-A78AE; Thor: Neoverse V3AE; Grace: Neoverse V2).
+_ARM_PARTS = {"0xd42": "Cortex-A78AE", "0xd41": "Cortex-A78", "0xd4b": "Cortex-A78C", "0xd0c": "Neoverse-N1",
+              "0xd40": "Neoverse-V1", "0xd4f": "Neoverse-V2", "0xd83": "Neoverse-V3AE", "0xd84": "Neoverse-V3",
+              "0xd07": "Cortex-A57", "0xd08": "Cortex-A72", "0xd05": "Cortex-A55", "0xd0b": "Cortex-A76"}
 # Ordinary words for the synthetic question; " a" (one token in every tokenizer we ship) fills the last gaps.
 _WORDS = ("what", "is", "written", "on", "the", "sign", "next", "to", "red", "car", "near", "door", "of", "blue",
           "house", "and", "how", "many", "people", "are", "standing", "in", "front", "it")
@@ -56,6 +66,32 @@ def _cpuinfo() -> tuple[str, int | None]:
     return model or platform.processor() or "unknown", len(cores) or None
 
 
+def cpu_isa(cpuinfo: str | None = None) -> dict[str, Any]:
+    """ISA extensions and (on ARM) the core types, from ``/proc/cpuinfo`` text (read when not given).
+
+    Returns:
+        ``{"arch", "flags": [the extensions of _ISA_FLAGS present], "arm_cores": {core name: count} or None}``;
+        ``flags`` is empty where /proc/cpuinfo is unreadable.
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    present: set[str] = set()
+    parts: dict[str, int] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("flags", "features"):
+            present.update(value.split())
+        elif key == "cpu part":
+            name = _ARM_PARTS.get(value.strip().lower(), f"part {value.strip()}")
+            parts[name] = parts.get(name, 0) + 1
+    return {"arch": platform.machine(), "flags": [f for f in _ISA_FLAGS if f in present], "arm_cores": parts or None}
+
+
 def _mem_total_gb() -> float | None:
     try:
         with open("/proc/meminfo") as f:
@@ -73,14 +109,26 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info: dict[str, Any] = {"cpu": model, "cores_logical": os.cpu_count(), "cores_usable": usable,
                             "cores_physical": physical, "memory_gb": _mem_total_gb(), "os": platform.platform(),
-                            "python": sys.version.split()[0], "gpu": None}
+                            "python": sys.version.split()[0], "isa": cpu_isa(), "gpu": None}
     if device.startswith("cuda"):
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available():
             props = torch.cuda.get_device_properties(torch.device(device))
             info["gpu"] = {"name": props.name, "memory_gb": round(props.total_memory / 2 ** 30, 1),
-                           "capability": f"{props.major}.{props.minor}"}
+                           "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda,
+                           "driver": _nvidia_driver()}
     return info
+
+
+def _nvidia_driver() -> str | None:
+    """The NVIDIA driver version from ``/proc/driver/nvidia/version`` (Linux), or None."""
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            first = f.readline()
+    except OSError:
+        return None
+    words = [w for w in first.split() if w[:1].isdigit() and "." in w]
+    return words[0] if words else None
 
 
 def versions() -> dict[str, str | None]:

@@ -35,8 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="method parameter, repeatable; key=value goes to every listed method with that parameter, "
                         "method.key=value to one (e.g. fitprune.recipe=r.json)")
-    g.add_argument("--backends", default="torch", help="comma-separated: torch, ort (ORT exports a bundle per "
-                   "method and K into a temporary directory; default: %(default)s)")
+    g.add_argument("--backends", default="torch", help="comma-separated: torch, ort, trt (ORT exports a bundle per "
+                   "method and K into a temporary directory; trt also builds its engines there, which needs "
+                   "TensorRT and an NVIDIA GPU; default: %(default)s)")
     g.add_argument("--opset", type=int, default=18, help="ONNX opset of the ORT bundles (18 TensorRT-portable, 23 "
                    "has fused Attention/RMSNorm; default: %(default)s)")
     g.add_argument("--clip", metavar="CLIP", help="CLIP checkpoint for gridprune's guidance=clip (as in run)")
@@ -55,6 +56,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--schedule", default="sequential", choices=("sequential", "interleaved"),
                    help="sequential: one combination after the other; interleaved: repeats round-robin over all "
                         "combinations (fairer ratios on a busy machine, every pipeline kept in memory)")
+    m.add_argument("--ceilings", default="measure", choices=("measure", "quick", "skip"),
+                   help="roofline ceilings: measure a large GEMM and copy once per backend (default), quick (small "
+                        "sizes, for dry runs; not the machine's limits) or skip (no roofline figures)")
     m.add_argument("--statistic", default="p50", choices=("p50", "min", "mean", "p90"),
                    help="which statistic of the repeats the ratios and target checks use (default: %(default)s; "
                         "min, the quietest repeat, is robust on a machine shared with other work)")
@@ -109,7 +113,7 @@ def options_from_args(args: argparse.Namespace):
         random_weights=args.random_weights, dtype=args.dtype, device=args.device, clip=args.clip,
         kernels=args.kernels, warmup=args.warmup, repeat=args.repeat, prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens, image=args.image, threads=args.threads, schedule=args.schedule,
-        opset=args.opset, statistic=args.statistic, ort_decoder=args.ort_decoder,
+        opset=args.opset, statistic=args.statistic, ort_decoder=args.ort_decoder, ceilings=args.ceilings,
         env={k: os.environ[k] for k in _RECORDED_ENV if k in os.environ},
         command="edgeprune " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "edgeprune bench")
 

@@ -13,7 +13,8 @@ from edgeprune.cli import main
 from edgeprune.runtime.profiler import STAGES
 
 SWEEP = ["bench", "--model", "tiny-llava", "--methods", "none,cls-topk", "--tokens", "576,64",
-         "--backends", "torch,ort", "--warmup", "1", "--repeat", "2", "--new-tokens", "4", "--prompt-tokens", "12"]
+         "--backends", "torch,ort", "--warmup", "1", "--repeat", "2", "--new-tokens", "4", "--prompt-tokens", "12",
+         "--ceilings", "quick"]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,26 @@ def test_sweep_schema(sweep):
     assert combos == [("torch", "none", 576), ("torch", "cls-topk", 576), ("torch", "cls-topk", 64),
                       ("ort", "none", 576), ("ort", "cls-topk", 576), ("ort", "cls-topk", 64)]
     assert {c["target"] for c in doc["checks"]} >= {"prune_share", "ttft_efficiency", "ort_prefill_speedup"}
+
+
+def test_sweep_roofline_isa_and_a_table_that_fits(sweep, capsys):
+    from edgeprune.bench.report import markdown_table, text_table
+
+    doc, _ = sweep
+    assert doc["machine"]["isa"]["arch"] and "flags" in doc["machine"]["isa"]
+    assert set(doc["ceilings"]) == {"torch", "ort"}
+    for r in doc["results"]:
+        for stage in ("vision", "prefill", "decode_step"):
+            fig = r["roofline"][stage]
+            assert fig["flops_per_s"] > 0 and fig["bytes_per_s"] > 0 and fig["efficiency"] > 0
+        assert r["roofline"]["decode_step"]["bound_tokens_per_s"] > 0
+    far = doc["roofline_furthest"]
+    assert far["stage"] in ("vision", "prefill", "decode_step")
+    assert far["efficiency"] == min(f["efficiency"] for r in doc["results"] for f in r["roofline"].values())
+    assert {"roofline_vision", "roofline_prefill", "roofline_decode_step"} <= {c["target"] for c in doc["checks"]}
+    text = text_table(doc)
+    assert [line for line in text.splitlines() if len(line) > 120] == [] and "furthest from its limit" in text
+    assert "decode %BW" in markdown_table(doc)
 
 
 def test_sweep_rows_complete_and_ordered(sweep):
@@ -185,7 +206,7 @@ def test_export_refusal_is_recorded_not_fatal(monkeypatch, tmp_path, tiny_llava)
 @pytest.mark.parametrize("extra, message", [
     (["--methods", "none,nope"], "unknown method 'nope'"),
     (["--methods", ""], "--methods"),
-    (["--backends", "torch,trt"], "unknown backend 'trt'"),
+    (["--backends", "torch,tpu"], "unknown backend 'tpu'"),
     (["--backends", ""], "--backends is empty"),
     (["--tokens", "", "--methods", "cls-topk"], "both empty"),
     (["--tokens", "64,,32"], "comma-separated list of int"),
