@@ -41,6 +41,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="rtn: round-to-nearest (default); hqq: half-quadratic, int4 only; awq is not available")
     q.add_argument("--quant-accuracy-level", type=int, metavar="0-4",
                    help="MatMulNBits compute type: 4 int8 (default, the fast CPU kernels), 1 fp32, 0 unset")
+    q.add_argument("--weights-format", metavar="matmulnbits|qdq",
+                   help="matmulnbits (default): MatMulNBits in every LLM file (ONNX Runtime); qdq: decoder.onnx gets "
+                        "symmetric block-wise DequantizeLinear + MatMul at opset 21 (the form TensorRT builds), "
+                        "decoder.ort.onnx keeps MatMulNBits")
     p.set_defaults(func=main)
 
 
@@ -49,7 +53,8 @@ def main(args: argparse.Namespace) -> int:
     from ..export.quantize import weight_config
     from ..methods.base import parse_method_args
 
-    weights = weight_config(args.weights, args.block_size, args.quant_method, args.dtype, args.quant_accuracy_level)
+    weights = weight_config(args.weights, args.block_size, args.quant_method, args.dtype, args.quant_accuracy_level,
+                            args.weights_format)
 
     manifest = export_bundle(args.model, args.method, out_dir=args.out, tokens=args.tokens, ratio=args.ratio,
                              method_args=parse_method_args(args.method_arg), opset=args.opset, dtype=args.dtype,
@@ -67,7 +72,8 @@ def main(args: argparse.Namespace) -> int:
         if e.get("weights"):  # quantized: not exact; the error and agreement against fp32 PyTorch
             w = e["weights"]
             for file, c in w["check"].items():
-                print(f"{file}: {w['scheme']} weights ({w['method']}, block {w['block_size']}), "
+                print(f"{file}: {w['scheme']} weights ({w['method']}, block {w['block_size']}, "
+                      f"{w['per_file'][file]['format']}), "
                       f"{w['fp32_weight_bytes'] / 1e6:.1f} -> {w['weight_bytes'] / 1e6:.1f} MB; logits vs fp32 "
                       f"torch: max err {c['logits_max_abs_err']:.2e} ({c['logits_rel_err']:.1%} of max(1, |ref|), "
                       f"bound {c['bound']:.0%}), next-token agreement {c['agree']}/{c['positions']}")

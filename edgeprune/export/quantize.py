@@ -24,10 +24,15 @@ a bias): the head is the largest matrix of a small model (mini-llava: 65 of its 
 fast path on the CPUs measured (benchmarks/RESULTS.md, "Weight-only quantization"); int8 weights at level 0 take
 a slow dequantize-then-fp32 path there.
 
-TensorRT does not build ``MatMulNBits`` (a contrib op). The form TensorRT builds, block-wise INT4/INT8 weight
-``DequantizeLinear`` (opset 21) before a plain ``MatMul``, is not written: it needs the graph at opset >= 21, and
-the bundle's portable graphs are opset 18 for TensorRT 10.x (JetPack 6); ``docs/quantization.md`` says what is
-missing. The manifest records the scheme, so a builder can refuse such a bundle by name.
+Formats (``--weights-format``, :data:`FORMATS`). ``matmulnbits`` (default): every LLM file gets MatMulNBits, a
+``com.microsoft`` contrib op: ONNX Runtime runs it; TensorRT 10.x does not, and TensorRT for RTX 1.7 imports it
+only with fp16 activations (its parser: "input tensor A must be FP16"), which these fp32 graphs are not. ``qdq``:
+the portable graph (``decoder.onnx``, which TensorRT builds) gets the form TensorRT takes for weight-only
+quantization, symmetric block-wise ``DequantizeLinear`` (int4 with ``block_size``, opset 21; int8 is refused:
+the quantizer has no int8 QDQ form) before a
+plain ``MatMul`` (the graph's opset becomes 21), while ``decoder.ort.onnx`` keeps MatMulNBits for ONNX Runtime
+(each file then has its own sidecar). TensorRT wants whole blocks, so every weight's input size must be a
+multiple of the block size (checked; tiny-llava's MLP width 176 is not a multiple of 32).
 
 The check (:func:`check_quantized`): a quantized graph cannot match PyTorch to fp32 precision, so after the fp32
 graph passed the exact validation the quantized file is run on the same validation feeds and reported by its
@@ -56,7 +61,11 @@ SCHEMES = {"int4": 4, "int8": 8}
 BLOCK_SIZES = (32, 64, 128)
 DEFAULT_BLOCK_SIZE = 32
 METHODS = ("rtn", "hqq", "awq")
-FORMAT = "matmulnbits"  # com.microsoft.MatMulNBits; ONNX Runtime only
+# matmulnbits: every LLM file gets com.microsoft.MatMulNBits (ONNX Runtime). qdq: the portable graph
+# (decoder.onnx, what TensorRT builds) gets block-wise DequantizeLinear + MatMul at opset 21 instead, symmetric
+# (TensorRT takes no zero points); the .ort.onnx variant keeps MatMulNBits.
+FORMATS = ("matmulnbits", "qdq")
+QDQ_OPSET = 21  # the first opset whose DequantizeLinear takes int4 and block_size
 # MatMulNBits ``accuracy_level``: the minimum compute type of the kernel.
 ACCURACY_LEVELS = {0: "unset", 1: "fp32", 2: "fp16", 3: "bf16", 4: "int8"}
 DEFAULT_ACCURACY_LEVEL = 4
@@ -79,6 +88,7 @@ class WeightConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     method: str = "rtn"
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL
+    format: str = "matmulnbits"
 
     @property
     def bits(self) -> int:
@@ -86,11 +96,12 @@ class WeightConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"scheme": self.scheme, "bits": self.bits, "block_size": self.block_size, "method": self.method,
-                "format": FORMAT, "accuracy_level": self.accuracy_level, "symmetric": False}
+                "format": self.format, "accuracy_level": self.accuracy_level, "symmetric": False}
 
 
 def weight_config(weights: str | None, block_size: int | None = None, method: str | None = None,
-                  dtype: str = "fp32", accuracy_level: int | None = None) -> WeightConfig | None:
+                  dtype: str = "fp32", accuracy_level: int | None = None,
+                  fmt: str | None = None) -> WeightConfig | None:
     """Check the quantization flags before anything is loaded; None for ``weights=None`` (no quantization).
 
     Raises:
@@ -99,7 +110,8 @@ def weight_config(weights: str | None, block_size: int | None = None, method: st
     """
     if weights is None:
         given = [f for f, v in (("--block-size", block_size), ("--quant-method", method),
-                                ("--quant-accuracy-level", accuracy_level)) if v is not None]
+                                ("--quant-accuracy-level", accuracy_level), ("--weights-format", fmt))
+                 if v is not None]
         if given:
             raise ExportError(f"{given[0]} only applies to weight-only quantization; add --weights int4 or int8")
         return None
@@ -125,14 +137,23 @@ def weight_config(weights: str | None, block_size: int | None = None, method: st
     if level not in ACCURACY_LEVELS:
         raise ExportError(f"--quant-accuracy-level must be one of {', '.join(map(str, ACCURACY_LEVELS))} "
                           f"({', '.join(ACCURACY_LEVELS.values())}); got {accuracy_level}")
-    return WeightConfig(weights, block, method, level)
+    fmt = fmt or "matmulnbits"
+    if fmt not in FORMATS:
+        raise ExportError(f"--weights-format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    if fmt == "qdq" and weights != "int4":
+        raise ExportError(f"--weights-format qdq writes int4 only (ONNX Runtime 1.32's quantizer has no int8 QDQ "
+                          f"form for MatMul); got --weights {weights}; use int4, or int8 with matmulnbits")
+    if fmt == "qdq" and method != "rtn":
+        raise ExportError(f"--weights-format qdq needs --quant-method rtn (symmetric, no zero points, as TensorRT "
+                          f"takes them); {method} writes float zero points")
+    return WeightConfig(weights, block, method, level, fmt)
 
 
 def checked(cfg: WeightConfig | None, dtype: str) -> WeightConfig | None:
     """``cfg`` re-checked against the export's ``dtype`` (:func:`weight_config`'s rules), for API callers."""
     if cfg is None:
         return None
-    return weight_config(cfg.scheme, cfg.block_size, cfg.method, dtype, cfg.accuracy_level)
+    return weight_config(cfg.scheme, cfg.block_size, cfg.method, dtype, cfg.accuracy_level, cfg.format)
 
 
 # ---------------------------------------------------------------------------------------------- the graph
@@ -184,7 +205,7 @@ def _quantizer() -> Any:
 
     Why: that module calls ``logging.basicConfig(level=INFO)`` when imported, which would make every library
     logger of the process print INFO lines (and the quantizer logs one per node); the root logger's handlers and
-    level are restored and the quantizer's own logger is set to WARNING.
+    level are restored and the quantizer's own logger is set to ERROR.
     """
     require("onnxruntime")
     root = logging.getLogger()
@@ -194,28 +215,53 @@ def _quantizer() -> Any:
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
-    logging.getLogger(module.__name__).setLevel(logging.WARNING)
+    # ERROR: its warnings are about what this module does on purpose (opset 21 for qdq, skipped nodes)
+    logging.getLogger(module.__name__).setLevel(logging.ERROR)
     return module
 
 
-def _algo_config(cfg: WeightConfig) -> Any:
+def _algo_config(cfg: WeightConfig, qdq: bool) -> Any:
     q = _quantizer()
     if cfg.method == "hqq":
         return q.HQQWeightOnlyQuantConfig(block_size=cfg.block_size, bits=cfg.bits)
+    if qdq:
+        return q.DefaultWeightOnlyQuantConfig(block_size=cfg.block_size, is_symmetric=True, bits=cfg.bits,
+                                              quant_format=q.QuantFormat.QDQ)
     return q.DefaultWeightOnlyQuantConfig(block_size=cfg.block_size, is_symmetric=False,
                                           accuracy_level=cfg.accuracy_level or None, bits=cfg.bits)
 
 
-def quantize_proto(proto: Any, cfg: WeightConfig) -> tuple[Any, dict[str, int]]:
+def _check_whole_blocks(proto: Any, block: int) -> None:
+    """TensorRT's DequantizeLinear needs every weight's input dimension K to be a multiple of the block size
+    (ONNX Runtime's quantizer would pad the last block, which TensorRT's parser rejects)."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    bad = sorted({int(inits[n.input[1]].dims[0]) for n in proto.graph.node if n.op_type == "MatMul"
+                  and n.input[1] in inits and len(inits[n.input[1]].dims) == 2
+                  and inits[n.input[1]].dims[0] % block})
+    if bad:
+        ok = [b for b in BLOCK_SIZES if all(k % b == 0 for k in bad)]
+        raise ExportError(f"--weights-format qdq needs every weight's input size to be a multiple of --block-size "
+                          f"{block} (TensorRT's DequantizeLinear takes whole blocks); this model has {bad}. "
+                          + (f"Use --block-size {ok[0]}" if ok else "Use --weights-format matmulnbits (ONNX Runtime)"))
+
+
+def quantize_proto(proto: Any, cfg: WeightConfig, qdq: bool = False) -> tuple[Any, dict[str, int]]:
     """Quantize the weights of ``proto`` (external data loaded) as ``cfg`` says; returns (new proto, op counts).
 
     Every MatMul/Gemm with a constant 2-D weight becomes ``MatMulNBits``; ``accuracy_level`` is set on every
     MatMulNBits node (HQQ's config does not take it). Counts: ``{"MatMulNBits": n, "MatMul": left, "Gemm": left}``
     where "left" counts the MatMul/Gemm nodes that still have a constant weight (none for the LLM graphs).
+    With ``qdq`` the weights become int4/uint8 ``DequantizeLinear`` (``block_size``, opset 21) before the MatMul
+    (``counts["DequantizeLinear"]``) instead.
+
+    Raises:
+        ExportError: ``qdq`` and a weight whose input size is not a multiple of the block size.
     """
     onnx = require("onnx")
     gemm_to_matmul(proto)
-    quantizer = _quantizer().MatMulNBitsQuantizer(proto, algo_config=_algo_config(cfg))
+    if qdq:
+        _check_whole_blocks(proto, cfg.block_size)
+    quantizer = _quantizer().MatMulNBitsQuantizer(proto, algo_config=_algo_config(cfg, qdq))
     with warnings.catch_warnings():  # HQQ hands torch read-only numpy views; it only reads them
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         quantizer.process()
@@ -231,10 +277,10 @@ def quantize_proto(proto: Any, cfg: WeightConfig) -> tuple[Any, dict[str, int]]:
 def op_counts(proto: Any) -> dict[str, int]:
     """``MatMulNBits`` nodes and the ``MatMul`` / ``Gemm`` nodes that still read a constant weight."""
     inits = {t.name for t in proto.graph.initializer}
-    counts = {"MatMulNBits": 0, "MatMul": 0, "Gemm": 0}
+    counts = {"MatMulNBits": 0, "MatMul": 0, "Gemm": 0, "DequantizeLinear": 0}
     for node in proto.graph.node:
-        if node.op_type == "MatMulNBits":
-            counts["MatMulNBits"] += 1
+        if node.op_type in ("MatMulNBits", "DequantizeLinear"):
+            counts[node.op_type] += 1
         elif node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in inits:
             counts[node.op_type] += 1
     return counts
@@ -279,15 +325,18 @@ def quantize_graph(job: Any, tmp: Path, entry: dict[str, Any], cfg: WeightConfig
         if any(p.name.startswith(n) for n in names):
             p.unlink()
     info: dict[str, Any] = {**cfg.to_dict(), "fp32_weight_bytes": before}
+    info["per_file"] = {}
     for n, proto in protos.items():
-        quantized, counts = quantize_proto(proto, cfg)
-        if counts["MatMulNBits"] == 0 or counts["MatMul"] or counts["Gemm"]:
-            raise ExportError(f"internal error: quantizing {n} left {counts} (every LLM matmul should become "
-                              "MatMulNBits)")
+        qdq = cfg.format == "qdq" and n == entry["file"]  # the portable graph; the .ort.onnx keeps MatMulNBits
+        quantized, counts = quantize_proto(proto, cfg, qdq)
+        if counts["DequantizeLinear" if qdq else "MatMulNBits"] == 0 or counts["MatMul"] or counts["Gemm"]:
+            raise ExportError(f"internal error: quantizing {n} left {counts} (every LLM matmul should be "
+                              "quantized)")
+        info["per_file"][n] = {"format": "qdq" if qdq else "matmulnbits", "counts": counts,
+                            "opset": next(o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx"))}
         onnx.save_model(quantized, str(tmp / n), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=f"{n}.data", size_threshold=1024)
         _shared_mode(tmp / n, tmp / f"{n}.data")
-        info.setdefault("counts", counts)
     info["weight_bytes"] = weight_bytes(tmp / names[0])
     for key, variant in (entry.get("variants") or {}).items():
         variant["data_files"] = share_external_data(tmp / variant["file"], tmp / names[0])

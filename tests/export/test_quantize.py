@@ -46,7 +46,7 @@ def test_every_llm_matmul_is_matmulnbits_and_nothing_else_is(int4_bundle, tiny_l
     for name in ("decoder.onnx", "decoder.ort.onnx"):
         counts, _ = _ops(int4_bundle / name)
         # q, k, v, o, gate, up, down per layer, and the LM head (a Gemm in the export, rewritten to MatMul)
-        assert counts == {"MatMulNBits": 7 * layers + 1, "MatMul": 0, "Gemm": 0}, name
+        assert counts == {"MatMulNBits": 7 * layers + 1, "MatMul": 0, "Gemm": 0, "DequantizeLinear": 0}, name
     for name in ("vision.onnx", "embed.onnx"):
         counts, types = _ops(int4_bundle / name)
         assert counts["MatMulNBits"] == 0 and "MatMulNBits" not in types, name
@@ -147,7 +147,7 @@ def test_quantize_proto_on_a_toy_graph(scheme, block, method, bound):
     x = rng.standard_normal((2, 256)).astype(np.float32)
     ref = _run(proto, x)
     quantized, counts = Q.quantize_proto(proto, Q.weight_config(scheme, block, method))
-    assert counts == {"MatMulNBits": 2, "MatMul": 0, "Gemm": 0}
+    assert counts == {"MatMulNBits": 2, "MatMul": 0, "Gemm": 0, "DequantizeLinear": 0}
     levels = {a.i for n in quantized.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
               if a.name == "accuracy_level"}
     bits = {a.i for n in quantized.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
@@ -187,3 +187,52 @@ def test_weight_config_api_rechecks_the_dtype(tiny_llava, tmp_path):
         export_bundle("tiny-llava", "none", out_dir=tmp_path / "b", dtype="fp16", weights=Q.WeightConfig("int4"),
                       **QUIET)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_qdq_format_is_blockwise_dequantize_linear_that_ort_runs():
+    scheme = "int4"
+    rng = np.random.default_rng(2)
+    proto = _toy_graph(256, 128, 64, rng)
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    ref = _run(proto, x)
+    quantized, counts = Q.quantize_proto(proto, Q.weight_config(scheme, 32, fmt="qdq"), qdq=True)
+    assert counts == {"MatMulNBits": 0, "MatMul": 0, "Gemm": 0, "DequantizeLinear": 2}
+    assert next(o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx")) == Q.QDQ_OPSET
+    dq = [n for n in quantized.graph.node if n.op_type == "DequantizeLinear"]
+    assert all({a.name: a.i for a in n.attribute}.get("block_size") == 32 for n in dq)
+    assert all(len(n.input) == 2 for n in dq)  # symmetric: no zero points (TensorRT takes none)
+    onnx.checker.check_model(quantized)
+    rel = float(np.abs(_run(quantized, x) - ref).max() / np.abs(ref).max())
+    assert 0 < rel <= 0.2
+
+
+def test_qdq_needs_whole_blocks_and_rtn():
+    rng = np.random.default_rng(3)
+    with pytest.raises(ExportError, match=r"multiple of --block-size 128.*\[96\]. Use --block-size 32"):
+        Q.quantize_proto(_toy_graph(96, 128, 64, rng), Q.weight_config("int4", 128, fmt="qdq"), qdq=True)
+    with pytest.raises(ExportError, match="--weights-format qdq needs --quant-method rtn"):
+        Q.weight_config("int4", 32, "hqq", fmt="qdq")
+    with pytest.raises(ExportError, match="--weights-format qdq writes int4 only"):
+        Q.weight_config("int8", 32, fmt="qdq")
+    with pytest.raises(ExportError, match="--weights-format must be one of matmulnbits, qdq"):
+        Q.weight_config("int4", 32, fmt="gguf")
+
+
+def test_tensorrt_rtx_builds_the_qdq_form_and_not_fp32_matmulnbits(tmp_path):
+    """The form written for TensorRT is what its parser and builder take (TensorRT for RTX builds on a CPU)."""
+    pytest.importorskip("tensorrt_rtx_bindings")
+    from edgeprune.engines import rtx
+    from edgeprune.engines.rtx import EngineBuildError
+
+    rng = np.random.default_rng(4)
+    profile = [("x", (2, 256), (2, 256), (2, 256))]
+    for fmt, qdq in (("qdq", True), ("matmulnbits", False)):
+        quantized, _ = Q.quantize_proto(_toy_graph(256, 128, 64, rng), Q.weight_config("int4", 32, fmt=fmt), qdq=qdq)
+        path = tmp_path / f"toy_{fmt}.onnx"
+        onnx.save(quantized, str(path))
+        if qdq:
+            build = rtx.build_engine(path, profile, tmp_path / "toy_qdq.plan", flavour="tensorrt-rtx")
+            assert (tmp_path / "toy_qdq.plan").stat().st_size > 0 and build is not None
+        else:
+            with pytest.raises(EngineBuildError, match="MatMulNBits"):
+                rtx.build_engine(path, profile, tmp_path / "toy_nbits.plan", flavour="tensorrt-rtx")
