@@ -224,3 +224,18 @@ def test_full_tensorrt_builds_the_aot_plugin(full_trt, tmp_path):
     builder, network, _parser, layers = _parse(full_trt, copy)
     assert [l for l in layers if l.type == full_trt.module.LayerType.PLUGIN_V3]
     assert b"ZonalTopKAot" in _build(full_trt, builder, network, _profile(copy))
+
+
+def test_prepare_graph_is_the_build_hook(rtx, tmp_path):
+    from edgeprune.engines.plugins import prepare_graph
+
+    src = gridprune_graph(tmp_path / "prune.onnx")
+    got = prepare_graph(rtx, "auto", src, tmp_path / "build")
+    assert got.path == src and got.modes["ZonalTopK"][0] == "ipluginv3" and got.plugin_ids == ("edgeprune::ZonalTopK",)
+    none = prepare_graph(rtx, "none", src, tmp_path / "build")
+    assert none.path == tmp_path / "build" / "prune.onnx" and none.to_dict()["modes"]["ZonalTopK"]["mode"] == "none"
+    with pytest.raises(cap.PluginModeError, match="no AOT Python plugins"):
+        prepare_graph(rtx, "aot", src, tmp_path / "build")
+    plain = tmp_path / "plain.onnx"
+    plain.write_bytes(src.read_bytes().replace(b"ZonalTopK", b"ZonalTopX"))  # no fused op left
+    assert prepare_graph(rtx, "auto", plain, tmp_path / "build").modes == {}

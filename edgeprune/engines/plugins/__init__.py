@@ -4,7 +4,9 @@
 * :mod:`.launch`: the launch path (PTX through the CUDA driver API on a given stream), IPluginV3's ``enqueue``;
 * :mod:`.ipluginv3`: Python ``IPluginV3`` plugins and creators for any TensorRT module; :func:`register_plugins`;
 * :mod:`.aot`: the ``tensorrt.plugin`` AOT definition (TensorRT >= 10.9; ZonalTopK only), defined lazily;
-* :mod:`.onnx_modes`: the fused nodes of a graph and the per-mode copy of it a build parses.
+* :mod:`.onnx_modes`: the fused nodes of a graph and the per-mode copy of it a build parses;
+* :mod:`.prepare`: :func:`prepare_graph`, the one call a build makes per graph before parsing it;
+* :mod:`.check`: plugin calls on torch tensors vs the reference (GPU test, ``benchmarks/plugin_launch.py``).
 
 The mode choice is :func:`edgeprune.engines.capability.choose_plugin_modes`. Importing this package imports
 neither TensorRT nor triton nor onnx; the names below load their module on first use.
@@ -23,6 +25,8 @@ _LAZY = {
     "register_aot_plugins": "aot",
     "fused_ops": "onnx_modes",
     "prepare_for_modes": "onnx_modes",
+    "prepare_graph": "prepare",
+    "PreparedGraph": "prepare",
 }
 
 __all__ = sorted(_LAZY)
