@@ -64,19 +64,6 @@ def _triton_wrapper(case):
                               check_inputs=False)
 
 
-def _scores_close(case, ws, layout) -> bool:
-    """GraphRank's scores (the workspace's ``score`` slot) within fp32 tolerance of the reference."""
-    import torch
-
-    from edgeprune.methods.gprune_fn import gprune_scores
-
-    off, nbytes = layout.slots["score"]
-    got = ws[off:off + nbytes].view(torch.float32).view(case.inputs[0].shape[:2]).cpu()
-    a = case.attrs
-    ref = gprune_scores(case.inputs[0].cpu(), a["threshold"], a["temperature"], a["steps"])
-    return bool(torch.allclose(got, ref, rtol=1e-4, atol=1e-6))
-
-
 def check_dry(case, launcher) -> dict:
     """Run the launch path with the recording driver; check every recorded launch against the contract."""
     from edgeprune.engines.plugins import contract as C
@@ -105,7 +92,7 @@ def check_gpu(case, launcher, warmup: int, repeat: int) -> dict:
     """Exactness vs the reference, then the latency of the launch path and of the Triton wrapper."""
     import torch
 
-    from edgeprune.engines.plugins.check import allocate, reference_indices, run_case
+    from edgeprune.engines.plugins.check import allocate, reference_indices, run_case, scores_close
 
     stream = torch.cuda.current_stream().cuda_stream
     buffers = allocate(case)
@@ -115,7 +102,7 @@ def check_gpu(case, launcher, warmup: int, repeat: int) -> dict:
     equal = bool(torch.equal(out.cpu(), ref))
     _, layout, seq = launcher.plan([tuple(t.shape) for t in case.inputs])
     verdict = "exact" if equal else ("near-tie" if case.op == "GraphRank" and not case.exact
-                                     and _scores_close(case, ws, layout) else "MISMATCH")
+                                     and scores_close(case, ws) else "MISMATCH")
     ms = time_cuda(lambda: run_case(case, launcher, stream, buffers), warmup, repeat)
     wrapper = _triton_wrapper(case)
     ms_wrapper = time_cuda(wrapper, warmup, repeat)

@@ -136,6 +136,24 @@ def test_bind_resolves_pointers_and_refuses_missing_ones():
         C.bind(zone_index, [1, 2, 3], [4, 5], 0, layout)
 
 
+def test_zone_index_kernel_equals_stable_argsort_and_bincount():
+    """The IPluginV3 flavour's first ZonalTopK launch, on the Triton interpreter (in a child: TRITON_INTERPRET
+    must be set before triton is imported, and this process compiles PTX)."""
+    pytest.importorskip("triton")
+    pytest.importorskip("torch")
+    code = ("import torch\nfrom edgeprune.kernels.zone_index import zone_index\n"
+            "g = torch.Generator().manual_seed(0)\n"
+            "for n, z in [(576, 16), (100, 300), (1, 1), (2880, 80), (7, 3)]:\n"
+            "    zone = torch.randint(0, z, (n,), generator=g)\n"
+            "    o, s = zone_index(zone, z)\n"
+            "    assert torch.equal(o.long(), torch.sort(zone, stable=True).indices), n\n"
+            "    assert torch.equal(s.long(), torch.bincount(zone, minlength=z)), n\n"
+            "print('ok')")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
 # ------------------------------------------------------------------------------------------------ PTX entries
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
@@ -309,14 +327,19 @@ def test_launch_path_on_gpu_matches_the_reference(op, n, k, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     pytest.importorskip("cuda.bindings")
-    from edgeprune.engines.plugins.check import make_case, reference_indices, run_case
+    from edgeprune.engines.plugins.check import make_case, reference_indices, run_case, scores_close
 
     torch.zeros(1, device="cuda")  # make torch's primary context current for the driver calls
     case = make_case(op, n, k, batch=2, d=256, device="cuda")
     launcher = PluginLauncher(op, case.attrs, cache_dir=str(tmp_path))
     stream = torch.cuda.current_stream().cuda_stream
-    (out, *_), _ = run_case(case, launcher, stream)
+    (out, *_), ws = run_case(case, launcher, stream)
     torch.cuda.synchronize()
     ref = reference_indices(case)
-    assert case.exact, "the generated input has a near-tie; change the seed"
-    assert torch.equal(out.cpu(), ref)
+    if op == "GraphRank":
+        assert scores_close(case, ws)  # fp32 scores agree to rounding (kernels/graph_rank.py)
+    if case.exact:  # always for ZonalTopK; for GraphRank unless the input has a near-tie at the K-th score
+        assert torch.equal(out.cpu(), ref)
+    else:
+        for got_row, ref_row in zip(out.cpu().tolist(), ref.tolist()):  # only tokens at the near-tie swap
+            assert len(set(got_row) ^ set(ref_row)) <= 4

@@ -117,3 +117,19 @@ def run_case(case: Case, launcher: Any, stream: int, buffers: tuple[list, Any] |
     launcher.run([tuple(t.shape) for t in case.inputs], [t.data_ptr() for t in case.inputs],
                  [t.data_ptr() for t in outputs], ws.data_ptr(), stream, workspace_bytes=ws.numel())
     return outputs, ws
+
+
+def scores_close(case: Case, ws: Any, rtol: float = 1e-4, atol: float = 1e-6) -> bool:
+    """GraphRank: the scores the launch path left in the workspace's ``score`` slot are within fp32 tolerance of
+    :func:`~edgeprune.methods.gprune_fn.gprune_scores` (what decides a near-tie's verdict)."""
+    torch = require("torch")
+    from ...methods.gprune_fn import gprune_scores
+    from .contract import workspace_layout
+
+    x = case.inputs[0]
+    off, nbytes = workspace_layout(case.op, problem_dims(case.op, case.attrs, [tuple(t.shape) for t in case.inputs])
+                                   ).slots["score"]
+    got = ws[off:off + nbytes].view(torch.float32).view(tuple(x.shape[:2])).cpu()
+    a = case.attrs
+    ref = gprune_scores(x.cpu(), a["threshold"], a["temperature"], a["steps"])
+    return bool(torch.allclose(got, ref, rtol=rtol, atol=atol))
