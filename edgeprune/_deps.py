@@ -17,6 +17,7 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     "transformers": ("export", "pip install -e '.[export]'"),
     "tokenizers": ("ort", "pip install -e '.[ort]'"),
     "onnx": ("export", "pip install -e '.[export]'"),
+    "jsonschema": ("ort", "pip install -e '.[ort]' (every bundle reader validates the manifest with it)"),
     "onnxruntime": ("ort", "pip install -e '.[ort]' (or '.[gpu]' for CUDA)"),
     "tensorrt": ("trt", "pip install -e '.[trt]' (on Jetson use the JetPack tensorrt bindings)"),
     "triton": ("kernels", "pip install -e '.[kernels]'"),

@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from ..errors import BundleError
 
 FORMAT = "edgeprune-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: graph files carry their export record (bundle.onnx_meta)
 MANIFEST = "manifest.json"
 NEWLINE_FILE = "image_newline.npy"
 TOKENIZER_FILE = "tokenizer.json"
@@ -72,10 +72,11 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
 
 
 def bundle_files(root: str | os.PathLike[str]) -> list[str]:
-    """Every file under ``root`` except the manifest, as sorted POSIX paths relative to ``root``."""
+    """Every file under ``root`` except the manifest and an export's owner file, as sorted POSIX paths relative
+    to ``root``."""
     base = Path(root)
     return sorted(p.relative_to(base).as_posix() for p in base.rglob("*")
-                  if p.is_file() and p != base / MANIFEST)
+                  if p.is_file() and p not in (base / MANIFEST, base / OWNER_FILE))
 
 
 def file_hashes(root: str | os.PathLike[str]) -> dict[str, str]:

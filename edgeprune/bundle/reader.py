@@ -1,8 +1,10 @@
 """Open and verify a bundle (format: :mod:`edgeprune.bundle.format`), torch-free: the runtime's only way in.
 
-The runtime refuses a bundle it cannot trust, with a message that says which file and what to do: no
-``manifest.json``, an unknown format version, a missing file, a file whose sha256 differs from the manifest, or
-a request (``--method``, ``--tokens``, ``--ratio``, ``--method-arg``) that contradicts what was exported.
+A bundle is untrusted input. The runtime refuses one it cannot trust, with one line that says which file or
+field and what to do: no ``manifest.json``, an unknown format version, a manifest that fails its schema
+(:mod:`~edgeprune.bundle.schema`), a path outside the bundle or not hashed, a missing, unreadable or modified
+file, a manifest that contradicts what its graphs were exported for (:mod:`~edgeprune.bundle.integrity`), or a
+request (``--method``, ``--tokens``, ``--ratio``, ``--method-arg``) that contradicts what was exported.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import BackendError, BundleError
-from .format import FORMAT, FORMAT_VERSION, MANIFEST, REEXPORT as _REEXPORT, REQUIRED, sha256_file
+from .format import FORMAT, FORMAT_VERSION, MANIFEST, OLD_TAG, REEXPORT as _REEXPORT, member_path
+from .integrity import check_confined, check_records, verify_files
+from .schema import validate_manifest
 from .spec import GraphSpec
 
 
@@ -57,7 +61,14 @@ class Bundle:
         return self.method.get("k")
 
     def path(self, rel: str) -> Path:
-        return self.root / rel
+        """The hashed file ``rel`` of the bundle (confined to the root; every path a reader opens goes here).
+
+        Raises:
+            BundleError: ``rel`` is not listed in ``files`` or resolves outside the bundle.
+        """
+        if rel not in self.manifest["files"]:
+            raise BundleError(f"{self.root / MANIFEST}: {rel!r} is not one of the bundle's hashed files; {_REEXPORT}")
+        return member_path(self.root, rel, repr(rel))
 
     def check_request(self, method: str | None = None, tokens: int | None = None, ratio: float | None = None,
                       method_args: Mapping[str, str] | None = None) -> None:
@@ -96,15 +107,23 @@ class Bundle:
 
 
 def _read_manifest(root: Path) -> dict[str, Any]:
+    """Read and parse ``manifest.json``, check format and version, validate it against the schema."""
     path = root / MANIFEST
     if not root.is_dir():
+        aside = sorted(root.absolute().parent.glob(f".{root.name}{OLD_TAG}*/bundle"))
+        if aside:  # an `export --force` was killed between its two renames (edgeprune.export.atomic)
+            raise BundleError(f"bundle directory {str(root)!r} does not exist: an export replacing it was interrupted "
+                              f"and the previous bundle is at {str(aside[-1])!r}; run the export again (it moves "
+                              "the previous bundle back first) or move that directory back yourself")
         raise BundleError(f"bundle directory {str(root)!r} does not exist; create it with `edgeprune export`")
     if not path.is_file():
         raise BundleError(f"{str(root)!r} is not an edgeprune bundle: it has no {MANIFEST}; create it with "
                           "`edgeprune export --model M --method X --out DIR`")
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except OSError as exc:
+        raise BundleError(f"cannot read {path} ({exc.strerror or exc}); check its permissions") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise BundleError(f"{path} is not valid JSON ({exc}); {_REEXPORT}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{path} is not an edgeprune bundle manifest (format {FORMAT!r} expected)")
@@ -112,34 +131,20 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     if version != FORMAT_VERSION:
         raise BundleError(f"{path} has bundle format version {version!r}; this edgeprune reads version "
                           f"{FORMAT_VERSION}. Use the edgeprune that wrote it, or {_REEXPORT}")
-    missing = [k for k in REQUIRED if k not in manifest]
-    if missing:
-        raise BundleError(f"{path} lacks the sections {missing}; {_REEXPORT}")
+    validate_manifest(manifest, str(path))
     return manifest
 
 
-def verify_files(root: Path, files: Mapping[str, str]) -> None:
-    """Check that every file the manifest lists exists and has its recorded sha256.
-
-    Raises:
-        BundleError: names the first missing or modified file.
-    """
-    for rel, digest in files.items():
-        path = root / rel
-        if not path.is_file():
-            raise BundleError(f"bundle {str(root)!r} is incomplete: {rel} is missing; copy the whole directory "
-                              f"or {_REEXPORT}")
-        if sha256_file(path) != digest:
-            raise BundleError(f"bundle {str(root)!r} is corrupt: {rel} does not match its sha256 in {MANIFEST} "
-                              f"(modified or truncated); {_REEXPORT}")
-
-
 def open_bundle(root: str | Path, verify: bool = True) -> Bundle:
-    """Read ``root/manifest.json`` and (by default) verify every file's sha256.
+    """Read ``root/manifest.json``, validate it and (by default) verify every file's sha256.
+
+    Checks, in order (:mod:`edgeprune.bundle.integrity`): schema; confinement of every listed and referenced
+    path; sha256 of every file (``verify``); each graph file's export record against the manifest.
 
     Args:
         root: the bundle directory.
         verify: hash every file (reads the whole bundle once; pass False only for a bundle just verified).
+            Schema, confinement and export records are checked either way.
     Returns:
         The :class:`Bundle`.
     Raises:
@@ -147,23 +152,18 @@ def open_bundle(root: str | Path, verify: bool = True) -> Bundle:
     """
     root = Path(root)
     manifest = _read_manifest(root)
+    check_confined(root, manifest)
     if verify:
         verify_files(root, manifest["files"])
+    check_records(root, manifest)
     graphs: dict[str, GraphEntry] = {}
-    try:
-        for name, entry in manifest["graphs"].items():
-            variants = {key: v["file"] for key, v in (entry.get("variants") or {}).items()}
-            unhashed = [f for f in (entry["file"], *variants.values()) if f not in manifest["files"]]
-            if unhashed:
-                raise BundleError(f"{root / MANIFEST} lists {unhashed[0]} for the {name} graph without its sha256; "
-                                  f"{_REEXPORT}")
-            graphs[name] = GraphEntry(name=name, path=root / entry["file"], spec=GraphSpec.from_dict(entry["spec"]),
-                                      variants={key: root / f for key, f in variants.items()})
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise BundleError(f"{root / MANIFEST} has a malformed graph entry ({exc!r}); {_REEXPORT}") from None
-    for name in ("vision", "embed", "decoder"):
-        if name not in graphs:
-            raise BundleError(f"{root / MANIFEST} lists no {name!r} graph; {_REEXPORT}")
+    for name, entry in manifest["graphs"].items():
+        try:
+            spec = GraphSpec.from_dict(entry["spec"])
+        except ValueError as exc:
+            raise BundleError(f"{root / MANIFEST}: graphs.{name}.spec is malformed ({exc}); {_REEXPORT}") from None
+        variants = {key: root / v["file"] for key, v in (entry.get("variants") or {}).items()}
+        graphs[name] = GraphEntry(name=name, path=root / entry["file"], spec=spec, variants=variants)
     _check_method_graphs(root, manifest["method"], graphs)
     return Bundle(root=root, manifest=manifest, graphs=graphs)
 

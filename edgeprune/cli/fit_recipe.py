@@ -2,7 +2,8 @@
 
 Reads a calibration set (``--calib FILE.jsonl`` of ``{"image": path, "prompt": text}`` lines, or
 ``--calib generated:N`` for N synthetic offline samples), runs the binary search over α of METHODS.md §3 on
-the model, and writes the recipe JSON atomically. Cheap inputs (budget, output path, calibration file and
+the model (:mod:`edgeprune.calibrate`, with a progress bar on stderr: one step per sample encoded and per α
+simulated), and writes the recipe JSON atomically. Cheap inputs (budget, output path, calibration file and
 images) are checked before the model loads.
 """
 
@@ -59,12 +60,16 @@ def main(args: argparse.Namespace) -> int:
 
     require("torch")
     require("transformers")
-    from ..methods import fitprune_fn as F
+    from .. import calibrate as C
     from ..models.loader import load_model
+    from ..progress import progress
 
     loaded = load_model(args.model, random_weights=args.random_weights, dtype=args.dtype, device=args.device)
-    samples = F.encode_calibration(loaded, items)
-    recipe = F.fit_recipe(loaded.family.language_model(loaded.model), samples, args.budget, model=args.model)
+    steps = len(items) + 1 + C.search_steps()  # encode each sample, reference forward, one per alpha tried
+    with progress(steps, "fit-recipe", "step", lines=False) as report:
+        samples = C.encode_calibration(loaded, items, report)
+        recipe = C.fit_recipe(loaded.family.language_model(loaded.model), samples, args.budget, model=args.model,
+                              report=report)
     R.save_recipe(recipe, args.out)
     print(f"recipe for {args.model}: budget {args.budget:g}, {len(samples)} samples, N = {recipe.n_visual}, "
           f"alpha = {recipe.alpha:.4f}")

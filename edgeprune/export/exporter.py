@@ -31,25 +31,26 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
 from .._deps import require
+from ..progress import progress
 from ..methods.base import Budget
 from ..methods.registry import build_method
 from . import graphs as G
 from . import quantize as Q
 from ..bundle.format import CLIP_TOKENIZER_DIR, MANIFEST, NEWLINE_FILE, TOKENIZER_FILE
 from ..bundle.manifest import write_manifest
-from ..bundle.spec import GraphSpec
 from ..errors import ExportError
 from .ort_variant import VARIANT, VARIANT_OPSET, llm_attention, share_external_data, variant_file
+from .atomic import make_temp_dir, move_into_place, recover
+from .job import GraphJob
+from .records import stamp_records
 from .spec import dynamic_shapes
 
 DTYPES = {"fp32": "float32", "fp16": "float16"}
@@ -61,38 +62,12 @@ TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
 NEVER_REUSED = ("prune", "prefill")  # graphs that depend on the method and budget, not only on the model
 
 
-@dataclass
-class GraphJob:
-    """One graph to export: the wrapper, its spec, the export example and the validation feeds.
-
-    Attributes:
-        module: the PyTorch wrapper traced by the exporter, or (with ``build``) the PyTorch reference the
-            hand-built graph is validated against.
-        build: ``build(opset) -> onnx.ModelProto`` for graphs written op by op (the fused-op prune graphs).
-        mins / maxs: bounds of symbolic dimensions for ``torch.export``.
-        meta: extra fields recorded in the graph's manifest entry.
-        llm: the HF decoder stack the traced graph runs: exported with eager attention below opset 23 and, with
-            ``ort_variant``, also at opset 23 as ``<name>.ort.onnx`` (see :mod:`~edgeprune.export.ort_variant`).
-    """
-
-    name: str
-    module: Any
-    spec: GraphSpec
-    example: dict[str, np.ndarray]
-    checks: list[dict[str, np.ndarray]]
-    var_inputs: int = 0
-    mins: dict[str, int] = field(default_factory=dict)
-    maxs: dict[str, int] = field(default_factory=dict)
-    build: Callable[[int], Any] | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-    llm: Any = None
-
-
 def export_bundle(model: Any, method: str = "none", *, out_dir: str | os.PathLike[str], tokens: int | None = None,
                   ratio: float | None = None, method_args: Mapping[str, str] | None = None, opset: int = 18,
                   dtype: str = "fp32", force: bool = False, reuse_from: str | os.PathLike[str] | None = None,
                   random_weights: bool = False, clip: Any = None, ort_variant: bool = True,
-                  weights: Q.WeightConfig | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  weights: Q.WeightConfig | None = None, log: Callable[[str], None] | None = None,
+                  on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Export ``model`` with ``method`` into the bundle directory ``out_dir``.
 
     Args:
@@ -116,7 +91,9 @@ def export_bundle(model: Any, method: str = "none", *, out_dir: str | os.PathLik
             the portable graphs; see :mod:`~edgeprune.export.ort_variant`.
         weights: weight-only INT4/INT8 for the LLM graphs (``--weights``, :func:`~edgeprune.export.quantize.
             weight_config`); None keeps them at ``dtype``. See :mod:`~edgeprune.export.quantize`.
-        log: progress sink (default: stderr, through tqdm when installed).
+        log: progress sink (default: stderr, through tqdm when installed); also receives what the recovery of
+            killed exports did (:func:`~edgeprune.export.atomic.recover`).
+        on_step: called at each step of the final rename (:data:`~edgeprune.export.atomic.STEPS`; tests).
     Returns:
         The manifest as written.
     Raises:
@@ -130,27 +107,33 @@ def export_bundle(model: Any, method: str = "none", *, out_dir: str | os.PathLik
     sdtype = _check_options(opset, dtype)
     weights = Q.checked(weights, dtype)
     out = Path(out_dir)
+    recover(out, log or _stderr)  # leftovers of killed exports to the same target (restores an interrupted swap)
     _check_out_dir(out, force)
     loaded = _load(model, dtype, random_weights)
     plan = G.plan_prune(loaded, prune, budget, clip)
-    parent = out.absolute().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(out.absolute())
     try:
         fingerprint = model_fingerprint(loaded.model)
         clip_fp = None if plan.clip is None else model_fingerprint(plan.clip.model)
         jobs = G.graph_jobs(loaded, plan, sdtype, prune, clip_fp)
         reused = _reuse(reuse_from, jobs, fingerprint, dtype, opset, tmp, weights) if reuse_from else {}
-        with _progress(len(jobs), log) as report:
+        with progress(len(jobs), "export", "graph", log) as report:
             entries = _export_all(jobs, reused, tmp, opset, sdtype, report, ort_variant, weights)
         host = _write_host_files(loaded, tmp, plan, clip_fp)
-        manifest = write_manifest(tmp, {**G.manifest_sections(loaded, prune, plan, entries, host, fingerprint,
-                                                              dtype, opset), **Q.manifest_section(weights, entries)})
-        _move_into_place(tmp, out)
+        sections = {**G.manifest_sections(loaded, prune, plan, entries, host, fingerprint, dtype, opset),
+                    **Q.manifest_section(weights, entries)}
+        stamp_records(tmp, sections)  # what each graph was exported for, inside the hashed graph files
+        manifest = write_manifest(tmp, sections)
+        move_into_place(tmp, out, on_step)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _check_options(opset: int, dtype: str) -> str:
@@ -458,20 +441,6 @@ def _guidance_section(loaded: Any, tmp: Path, plan: Any, clip_fingerprint: str |
             "eos_token_id": int(tok.eos_token_id)}
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished bundle onto ``out``, replacing an old bundle only once the new one is complete."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private (0700); a bundle is shared like a model directory
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=tmp.parent))
-    os.rename(out, trash / "bundle")
-    os.rename(tmp, out)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def _quiet_exporter_logs() -> Iterator[None]:
     """Raise the ``torch.onnx`` logger to ERROR for the duration of one export, then restore its level.
@@ -486,24 +455,3 @@ def _quiet_exporter_logs() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
-
-
-@contextlib.contextmanager
-def _progress(total: int, log: Callable[[str], None] | None) -> Iterator[Callable[[str], None]]:
-    """A per-graph progress sink: ``log`` when given, else a tqdm bar on stderr when tqdm is installed, else
-    plain lines on stderr. Each call reports one finished graph."""
-    if log is not None:
-        yield log
-        return
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        yield lambda msg: print(msg, file=sys.stderr, flush=True)
-        return
-    with tqdm(total=total, desc="export", unit="graph", file=sys.stderr, leave=False) as bar:
-        def report(msg: str) -> None:
-            bar.write(msg, file=sys.stderr)
-            bar.update(1)
-
-        yield report
-

@@ -16,6 +16,7 @@ from .._deps import require
 from ..bundle.format import TOKENIZER_FILE
 from ..errors import BudgetError, ExportError
 from ..methods.base import Budget, PruningMethod, TokenLayout, VisualTokens
+from .job import GraphJob
 from .spec import decoder_spec, embed_spec, prune_spec, vision_spec
 
 # Methods with an ONNX lowering: the baselines (prune graph of standard ops), GridPrune / G-Prune (prune graph
@@ -161,7 +162,6 @@ def graph_jobs(loaded: Any, plan: PrunePlan, sdtype: str, method: PruningMethod 
     one-token decode, and tie-heavy scores for the prune graph.
     """
     from . import method_graphs as MG
-    from .exporter import GraphJob
     from .wrappers import EmbedGraph, VisionGraph
 
     dims = _text_dims(loaded)
@@ -196,7 +196,6 @@ def graph_jobs(loaded: Any, plan: PrunePlan, sdtype: str, method: PruningMethod 
 
 def _baseline_prune_job(plan: PrunePlan, sdtype: str, d: int, rng: Any) -> Any:
     """The standard-op prune graph of ``cls-topk``/``uniform``/``random`` with tie-heavy validation scores."""
-    from .exporter import GraphJob
     from .wrappers import PruneGraph
 
     torch = require("torch")
@@ -215,7 +214,6 @@ def _baseline_prune_job(plan: PrunePlan, sdtype: str, d: int, rng: Any) -> Any:
 def _decoder_job(loaded: Any, sdtype: str, dims: dict[str, int], ids: Any) -> Any:
     """The pre-LLM methods' decoder: one graph for prefill and decode (flat KV cache, HF forward); traced with
     eager attention below opset 23, plus the fused-attention ``decoder.ort.onnx`` (:mod:`.ort_variant`)."""
-    from .exporter import GraphJob
     from .wrappers import DecoderGraph
 
     torch = require("torch")

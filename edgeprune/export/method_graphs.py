@@ -16,6 +16,7 @@ import numpy as np
 from .._deps import require
 from ..errors import MethodArgumentError
 from ..runtime.anyres import pack_layout
+from .job import GraphJob
 
 # Image sizes whose anyres layouts feed the NeXT validation (two different N, one with padded rows).
 _NEXT_SIZES = ((300, 400), (500, 260))
@@ -72,7 +73,6 @@ def gridprune_job(loaded: Any, plan: Any, method: Any, sdtype: str, hidden: int)
     """The GridPrune prune graph (ZonalTopK) with tie-heavy and NeXT validation feeds."""
     from ..methods import gridprune_fn as G
     from ..methods.base import TokenLayout
-    from .exporter import GraphJob
     from .lower_gridprune import GridPruneReference, build_gridprune_model, gridprune_spec
 
     p = method.params
@@ -120,7 +120,6 @@ def gridprune_job(loaded: Any, plan: Any, method: Any, sdtype: str, hidden: int)
 
 def gprune_job(loaded: Any, plan: Any, method: Any, sdtype: str, hidden: int) -> Any:
     """The G-Prune prune graph (GraphRank) with random and NeXT (two groups) validation feeds."""
-    from .exporter import GraphJob
     from .lower_gprune import GPruneReference, build_gprune_model, gprune_spec
 
     p = method.params
@@ -144,7 +143,6 @@ def gprune_job(loaded: Any, plan: Any, method: Any, sdtype: str, hidden: int) ->
 
 def guidance_job(clip: Any, fingerprint: str) -> Any:
     """The CLIP text tower graph (``guidance.onnx``); seq is bounded by the tower's position table."""
-    from .exporter import GraphJob
     from .spec import guidance_spec
     from .wrappers import ClipTextGraph
 
@@ -158,7 +156,6 @@ def guidance_job(clip: Any, fingerprint: str) -> Any:
 
 def inllm_jobs(loaded: Any, plan: Any, sdtype: str, dims: dict[str, int]) -> list[Any]:
     """The in-LLM prefill graph (drops baked in) and the ragged-cache decode graph, with validation feeds."""
-    from .exporter import GraphJob
     from .inllm_decoder import InLLMDecodeGraph, InLLMPrefillGraph
     from .spec import inllm_decode_spec, inllm_prefill_spec
 

@@ -4,7 +4,7 @@ the calibration inputs of ``edgeprune fit-recipe`` (METHODS.md §3, decision 6).
 A recipe is the per-layer number of visual tokens to drop, fitted offline for a FLOPs budget R (the fraction
 of visual-token FLOPs to remove). This module is torch-free (numpy and Pillow only): loading a recipe, listing
 methods and validating CLI inputs never import torch. The model-dependent part of the search (simulating the
-pruned forward) lives in :mod:`edgeprune.methods.fitprune_fn`.
+pruned forward) lives in :mod:`edgeprune.calibrate`.
 
 Recipe JSON (``format`` = ``edgeprune-fitprune-recipe/1``)::
 

@@ -78,7 +78,12 @@ class TokenizersCodec:
 
     def __init__(self, path: Path, clean_up_spaces: bool = False) -> None:
         tokenizers = require("tokenizers")
-        self.tokenizer = tokenizers.Tokenizer.from_file(str(path))
+        try:
+            self.tokenizer = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception for unreadable/broken files
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise BundleError(f"cannot load the tokenizer {path} ({first}); the bundle's tokenizer is broken or "
+                              "unreadable: re-export it with `edgeprune export ... --force`") from None
         self.clean_up_spaces = clean_up_spaces
 
     def encode(self, text: str, add_bos: bool) -> list[int]:

@@ -15,7 +15,8 @@ import torch
 
 from edgeprune.errors import BudgetError, MethodArgumentError
 from edgeprune.export import graphs as G
-from edgeprune.export.exporter import GraphJob, export_bundle, export_graph
+from edgeprune.export.exporter import export_bundle, export_graph
+from edgeprune.export.job import GraphJob
 from edgeprune.bundle.format import FORMAT_VERSION, MANIFEST, sha256_file
 from edgeprune.bundle.spec import GraphSpec
 from edgeprune.errors import ExportError

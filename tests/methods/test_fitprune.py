@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from edgeprune import calibrate as C
 from edgeprune.cli import fit_recipe as cli
 from edgeprune.errors import BudgetError, EdgepruneError, ImageError, MethodArgumentError
 from edgeprune.methods import inllm
@@ -197,7 +198,7 @@ def test_fit_recipe_meets_budget_on_its_calibration_set(fitted, tiny_llava):
     recipe = R.load_recipe(fitted)
     fm = R.FlopsModel(**{k: data["flops_model"][k] for k in ("d", "d_ff", "num_layers")})
     assert (fm.d, fm.d_ff) == (64, 176)
-    samples = F.encode_calibration(tiny_llava, R.load_calib_images(R.generated_items(2)))
+    samples = C.encode_calibration(tiny_llava, R.load_calib_images(R.generated_items(2)))
     lm = tiny_llava.family.language_model(tiny_llava.model)
     used = full = 0.0
     for s in samples:  # apply the recipe online to the same set and count FLOPs from the real per-layer counts
