@@ -281,32 +281,35 @@ def choose_plugin_modes(flavour: TrtFlavour, requested: str,
         if op not in OPS:
             raise PluginModeError(f"no plugin exists for op {op!r}; known: {', '.join(OPS)}")
         why_not = unsupported_reason(op, node_attrs) if node_attrs is not None else None
-        if requested == "none":
-            choice = ("none", "--plugins none: the ONNX function body (standard ops)")
-        elif why_not:
-            choice = ("none", why_not)
-        elif requested == "aot":
-            if op in AOT_CAPABLE_OPS:
-                if not flavour.aot_plugins:
-                    raise PluginModeError(f"--plugins aot: {aot_why}; use --plugins ipluginv3 or auto")
-                choice = ("aot", aot_why)
-            else:
-                choice = ("none", f"{op} cannot be one AOT kernel (multi-launch sequence with a workspace); "
-                                  "the function body keeps the plan free of Python plugins")
-        elif requested == "ipluginv3":
-            if not v3_ok:
-                raise PluginModeError(f"--plugins ipluginv3: {v3_why}; use --plugins auto or none")
-            choice = ("ipluginv3", v3_why + "; the loading process must register the creators")
-        elif op in AOT_CAPABLE_OPS and flavour.aot_plugins:
-            choice = ("aot", aot_why)
-        elif v3_ok:
-            prefix = "" if op in AOT_CAPABLE_OPS else f"{op} has no AOT form; "
-            choice = ("ipluginv3", prefix + (aot_why + "; " if op in AOT_CAPABLE_OPS else "") + v3_why)
-        else:
-            choice = ("none", f"{v3_why} and {aot_why}: the ONNX function body (standard ops)")
+        out[op] = choice = _mode_for(op, requested, why_not, flavour.aot_plugins, aot_why, v3_ok, v3_why)
         log.info("plugin mode for %s: %s (%s)", op, choice[0], choice[1])
-        out[op] = choice
     return out
+
+
+def _mode_for(op: str, requested: str, why_not: str | None, aot_ok: bool, aot_why: str, v3_ok: bool,
+              v3_why: str) -> tuple[str, str]:
+    """One op's (mode, reason) under :func:`choose_plugin_modes`' rules."""
+    if requested == "none":
+        return "none", "--plugins none: the ONNX function body (standard ops)"
+    if why_not:
+        return "none", why_not
+    aot_capable = op in AOT_CAPABLE_OPS
+    if requested == "aot":
+        if not aot_capable:
+            return "none", (f"{op} cannot be one AOT kernel (multi-launch sequence with a workspace); the function "
+                            "body keeps the plan free of Python plugins")
+        if not aot_ok:
+            raise PluginModeError(f"--plugins aot: {aot_why}; use --plugins ipluginv3 or auto")
+        return "aot", aot_why
+    if requested == "ipluginv3":
+        if not v3_ok:
+            raise PluginModeError(f"--plugins ipluginv3: {v3_why}; use --plugins auto or none")
+        return "ipluginv3", v3_why + "; the loading process must register the creators"
+    if aot_capable and aot_ok:
+        return "aot", aot_why
+    if v3_ok:
+        return "ipluginv3", (aot_why if aot_capable else f"{op} has no AOT form") + "; " + v3_why
+    return "none", f"{v3_why} and {aot_why}: the ONNX function body (standard ops)"
 
 
 # ------------------------------------------------------------------------------- RTX parser library fix

@@ -239,3 +239,38 @@ def test_prepare_graph_is_the_build_hook(rtx, tmp_path):
     plain = tmp_path / "plain.onnx"
     plain.write_bytes(src.read_bytes().replace(b"ZonalTopK", b"ZonalTopX"))  # no fused op left
     assert prepare_graph(rtx, "auto", plain, tmp_path / "build").modes == {}
+
+
+def test_enqueue_and_serialisation_round_trip_with_a_recording_driver(rtx, tmp_path):
+    """The plugin object TensorRT would run: fields serialise exactly, clones keep the launcher, and enqueue
+    hands TensorRT's pointers, workspace and stream to the launch path (recorded, not launched)."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from edgeprune.engines.plugins import plugin_classes, register_plugins
+    from edgeprune.engines.plugins.launch import PluginLauncher, RecordingDriver
+
+    trt = rtx.module
+    creator = plugin_classes(trt)["ZonalTopK"]()
+    fc = trt.PluginFieldCollection([trt.PluginField("K", np.array([64], np.int32), trt.PluginFieldType.INT32),
+                                    trt.PluginField("tau", np.array([0.05], np.float32), trt.PluginFieldType.FLOAT32),
+                                    trt.PluginField("zones", np.array([4], np.int32), trt.PluginFieldType.INT32),
+                                    trt.PluginField("num_zones", np.array([16], np.int32), trt.PluginFieldType.INT32)])
+    plugin = creator.create_plugin("z", fc, trt.TensorRTPhase.BUILD)
+    assert plugin.attrs == {"K": 64, "tau": 0.05, "zones": 4, "num_zones": 16}
+    again = creator.create_plugin("z", plugin.get_fields_to_serialize(), trt.TensorRTPhase.RUNTIME)
+    assert again.attrs == plugin.attrs and type(again.attrs["tau"]) is float  # FLOAT64 on the way back: exact
+    driver = RecordingDriver(sm=86)
+    plugin.launcher = PluginLauncher("ZonalTopK", plugin.attrs, driver=driver, cache_dir=str(tmp_path))
+    twin = plugin.attach_to_context(None)
+    assert twin is not plugin and twin.launcher is plugin.launcher and twin.timing_cache_id == plugin.timing_cache_id
+    descs = [SimpleNamespace(dims=d) for d in ((2, 576), (2, 576), (576,))]
+    twin.enqueue(descs, [SimpleNamespace(dims=(2, 64)), SimpleNamespace(dims=(2, 16))], [0x1000, 0x2000, 0x3000],
+                 [0x4000, 0x5000], 0x100000, 42)
+    (zi, *_, zi_args), (zt, *_, zt_args) = driver.launches
+    assert (zi, zt) == ("zone_index_kernel", "zonal_topk_kernel")
+    assert zi_args[:3] == [0x3000, 576, 16] and zt_args[:3] == [0x1000, 0x2000, 0x3000]
+    assert zt_args[5:9] == [576, 16, 0x4000, 0x5000] and all(a >= 0x100000 for a in (zt_args[3], zt_args[4], zt_args[9]))
+    assert [l[4] for l in driver.launches] == [42, 42]  # TensorRT's stream
+    with pytest.raises(C.PluginContractError, match="no plugin for ops"):
+        register_plugins(trt, ["TopK"])

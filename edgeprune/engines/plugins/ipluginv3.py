@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .contract import (FIELDS, NAMESPACE, OPS, VERSION, Dim, INPUTS, OUTPUTS, PluginContractError, io_dtypes,
+from .contract import (FIELDS, NAMESPACE, OPS, VERSION, Dim, INPUTS, OUTPUTS, PluginContractError,
                        output_dims, parse_attributes, problem_dims, supports_format, workspace_bytes)
 
 log = logging.getLogger(__name__)
@@ -47,102 +47,108 @@ def _fields(fc: Any) -> dict[str, Any]:
     return {f.name: np.asarray(f.data) for f in fc} if fc is not None else {}
 
 
+class _FusedPlugin:
+    """The methods of the plugin of one fused-op node; combined with TensorRT's bases by :func:`_build_classes`
+    (``trt`` is the class attribute naming the TensorRT module). Attributes come from PluginFields, everything
+    else from the contract."""
+
+    trt: ModuleType
+
+    def __init__(self, op: str, attrs: dict[str, Any], phase: Any = None) -> None:
+        trt = self.trt
+        for base in (trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
+            base.__init__(self)
+        self.op, self.attrs, self.phase = op, dict(attrs), phase
+        self.num_outputs = len(OUTPUTS[op])
+        self.plugin_namespace, self.plugin_name, self.plugin_version = NAMESPACE, op, VERSION
+        # identical nodes share timings: same op, same baked constants
+        self.timing_cache_id = f"{op}:" + ",".join(f"{k}={v}" for k, v in self.attrs.items())
+        self.launcher = None  # created on first enqueue (needs the device)
+
+    # ---- core / build
+    def get_capability_interface(self, capability_type: Any) -> Any:
+        return self
+
+    def get_output_data_types(self, input_types: Any) -> list[Any]:
+        return [_trt_dtype(self.trt, t.dtype) for t in OUTPUTS[self.op]]
+
+    def get_output_shapes(self, inputs: Any, shape_inputs: Any, expr_builder: Any) -> list[Any]:
+        out = []
+        for dims in output_dims(self.op, self.attrs):
+            exprs = [inputs[d.input][d.axis] if isinstance(d, Dim) else expr_builder.constant(int(d)) for d in dims]
+            out.append(self.trt.DimsExprs(exprs))
+        return out
+
+    def supports_format_combination(self, pos: int, in_out: Any, num_inputs: int) -> bool:
+        desc = in_out[pos].desc
+        linear = desc.format == self.trt.TensorFormat.LINEAR
+        return supports_format(self.op, pos, _dtype_name(self.trt, desc.type), linear)
+
+    def configure_plugin(self, inputs: Any, outputs: Any) -> None:
+        if len(inputs) != len(INPUTS[self.op]):
+            raise PluginContractError(f"{self.op}: expected {len(INPUTS[self.op])} inputs, got {len(inputs)}")
+
+    def get_workspace_size(self, inputs: Any, outputs: Any) -> int:
+        shapes = [tuple(int(v) for v in d.max) for d in inputs]
+        return workspace_bytes(self.op, problem_dims(self.op, self.attrs, shapes))
+
+    def get_valid_tactics(self) -> list[int]:
+        return []
+
+    def set_tactic(self, tactic: int) -> None:
+        pass
+
+    # ---- runtime
+    def on_shape_change(self, inputs: Any, outputs: Any) -> None:
+        problem_dims(self.op, self.attrs, [tuple(int(v) for v in d.dims) for d in inputs])
+
+    def enqueue(self, input_desc: Any, output_desc: Any, inputs: Any, outputs: Any, workspace: int,
+                stream: int) -> None:
+        if self.launcher is None:
+            from .launch import PluginLauncher
+
+            self.launcher = PluginLauncher(self.op, self.attrs)
+        shapes = [tuple(int(v) for v in d.dims) for d in input_desc]
+        self.launcher.run(shapes, [int(p) for p in inputs], [int(p) for p in outputs], int(workspace), int(stream))
+
+    def attach_to_context(self, context: Any) -> Any:
+        return self.clone()
+
+    def get_fields_to_serialize(self) -> Any:
+        return self.trt.PluginFieldCollection([_field(self.trt, name, kind, self.attrs[name])
+                                               for name, kind in FIELDS[self.op]])
+
+    def clone(self) -> Any:
+        twin = type(self)(self.op, self.attrs, self.phase)
+        twin.launcher = self.launcher  # loaded modules are per context in launch.py; sharing is safe
+        return twin
+
+
+class _Creator:
+    """The methods of the ``IPluginCreatorV3One`` of one op (``op``, ``trt``, ``plugin`` are class attributes)."""
+
+    trt: ModuleType
+    op: str
+    plugin: type
+
+    def __init__(self) -> None:
+        self.trt.IPluginCreatorV3One.__init__(self)
+        self.name, self.plugin_namespace, self.plugin_version = self.op, NAMESPACE, VERSION
+        self.field_names = self.trt.PluginFieldCollection([_field(self.trt, name, kind, None)
+                                                           for name, kind in FIELDS[self.op]])
+
+    def create_plugin(self, name: str, fc: Any, phase: Any) -> Any:
+        attrs = parse_attributes(self.op, _fields(fc))
+        log.debug("creating %s::%s %s (%s)", NAMESPACE, self.op, attrs, phase)
+        return self.plugin(self.op, attrs, phase)
+
+
 def _build_classes(trt: ModuleType) -> dict[str, type]:
-    """The plugin and creator classes of both ops for one TensorRT module."""
-
-    class FusedPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
-        """One fused-op node: attributes from PluginFields, everything else from the contract."""
-
-        def __init__(self, op: str, attrs: dict[str, Any], phase: Any = None) -> None:
-            trt.IPluginV3.__init__(self)
-            trt.IPluginV3OneCore.__init__(self)
-            trt.IPluginV3OneBuild.__init__(self)
-            trt.IPluginV3OneRuntime.__init__(self)
-            self.op, self.attrs, self.phase = op, dict(attrs), phase
-            self.num_outputs = len(OUTPUTS[op])
-            self.plugin_namespace, self.plugin_name, self.plugin_version = NAMESPACE, op, VERSION
-            # identical nodes share timings: same op, same baked constants
-            self.timing_cache_id = f"{op}:" + ",".join(f"{k}={v}" for k, v in self.attrs.items())
-            self.launcher = None  # created on first enqueue (needs the device)
-
-        # ---- core / build
-        def get_capability_interface(self, capability_type: Any) -> Any:
-            return self
-
-        def get_output_data_types(self, input_types: Any) -> list[Any]:
-            return [_trt_dtype(trt, t.dtype) for t in OUTPUTS[self.op]]
-
-        def get_output_shapes(self, inputs: Any, shape_inputs: Any, expr_builder: Any) -> list[Any]:
-            out = []
-            for dims in output_dims(self.op, self.attrs):
-                exprs = [inputs[d.input][d.axis] if isinstance(d, Dim) else expr_builder.constant(int(d))
-                         for d in dims]
-                out.append(trt.DimsExprs(exprs))
-            return out
-
-        def supports_format_combination(self, pos: int, in_out: Any, num_inputs: int) -> bool:
-            desc = in_out[pos].desc
-            return supports_format(self.op, pos, _dtype_name(trt, desc.type), desc.format == trt.TensorFormat.LINEAR)
-
-        def configure_plugin(self, inputs: Any, outputs: Any) -> None:
-            if len(inputs) != len(INPUTS[self.op]):
-                raise PluginContractError(f"{self.op}: expected {len(INPUTS[self.op])} inputs, got {len(inputs)}")
-
-        def get_workspace_size(self, inputs: Any, outputs: Any) -> int:
-            shapes = [tuple(int(v) for v in d.max) for d in inputs]
-            return workspace_bytes(self.op, problem_dims(self.op, self.attrs, shapes))
-
-        def get_valid_tactics(self) -> list[int]:
-            return []
-
-        def set_tactic(self, tactic: int) -> None:
-            pass
-
-        # ---- runtime
-        def on_shape_change(self, inputs: Any, outputs: Any) -> None:
-            problem_dims(self.op, self.attrs, [tuple(int(v) for v in d.dims) for d in inputs])
-
-        def enqueue(self, input_desc: Any, output_desc: Any, inputs: Any, outputs: Any, workspace: int,
-                    stream: int) -> None:
-            if self.launcher is None:
-                from .launch import PluginLauncher
-
-                self.launcher = PluginLauncher(self.op, self.attrs)
-            shapes = [tuple(int(v) for v in d.dims) for d in input_desc]
-            self.launcher.run(shapes, [int(p) for p in inputs], [int(p) for p in outputs], int(workspace),
-                              int(stream))
-
-        def attach_to_context(self, context: Any) -> Any:
-            return self.clone()
-
-        def get_fields_to_serialize(self) -> Any:
-            return trt.PluginFieldCollection([_field(trt, name, kind, self.attrs[name])
-                                              for name, kind in FIELDS[self.op]])
-
-        def clone(self) -> Any:
-            twin = type(self)(self.op, self.attrs, self.phase)
-            twin.launcher = self.launcher  # loaded modules are per context in launch.py; sharing is safe
-            return twin
-
-    def creator_class(op: str) -> type:
-        class Creator(trt.IPluginCreatorV3One):
-            """Creates the ``edgeprune`` plugin for one op from the node's PluginFields."""
-
-            def __init__(self) -> None:
-                trt.IPluginCreatorV3One.__init__(self)
-                self.name, self.plugin_namespace, self.plugin_version = op, NAMESPACE, VERSION
-                self.field_names = trt.PluginFieldCollection([_field(trt, name, kind, None)
-                                                              for name, kind in FIELDS[op]])
-
-            def create_plugin(self, name: str, fc: Any, phase: Any) -> Any:
-                attrs = parse_attributes(op, _fields(fc))
-                log.debug("creating %s::%s %s (%s)", NAMESPACE, op, attrs, phase)
-                return FusedPlugin(op, attrs, phase)
-
-        Creator.__name__ = Creator.__qualname__ = f"{op}Creator"
-        return Creator
-
-    return {op: creator_class(op) for op in OPS}
+    """The plugin class and one creator class per op for the TensorRT module ``trt``."""
+    plugin = type("FusedPlugin", (_FusedPlugin, trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild,
+                                  trt.IPluginV3OneRuntime), {"trt": trt})
+    return {op: type(f"{op}Creator", (_Creator, trt.IPluginCreatorV3One), {"trt": trt, "op": op, "plugin": plugin})
+            for op in OPS}
 
 
 def _field(trt: ModuleType, name: str, kind: type, value: Any) -> Any:
