@@ -31,8 +31,9 @@ def build_pipeline(model: str | None, method: str | None = None, *, tokens: int 
             ``ort``.
         tokens / ratio: the budget (at most one).
         method_args: method parameters as strings (``--method-arg``).
-        backend: ``torch`` (the reference) or ``ort`` (ONNX Runtime over ``bundle``; ``method``/``tokens``/
-            ``ratio``/``method_args`` are then optional and must match the bundle, None meaning "the bundle's").
+        backend: ``torch`` (the reference), ``ort`` (ONNX Runtime over ``bundle``) or ``trt`` (the bundle's
+            TensorRT engines, ``edgeprune build``); for ``ort``/``trt`` ``method``/``tokens``/``ratio``/
+            ``method_args`` are optional and must match the bundle, None meaning "the bundle's".
         random_weights, dtype, device: see ``edgeprune run --help``.
         loaded: an already loaded :class:`~edgeprune.models.loader.LoadedModel` to reuse.
         clip: CLIP checkpoint for text guidance (``--clip``); text-guided methods default to ``tiny-clip`` on the
@@ -46,6 +47,12 @@ def build_pipeline(model: str | None, method: str | None = None, *, tokens: int 
         UnknownMethodError, MethodArgumentError, BudgetError, UnknownModelError, ModelLoadError, BackendError.
     """
     budget = Budget(tokens=tokens, ratio=ratio)  # validate cheap inputs before loading anything
+    if backend == "trt":
+        if bundle is None:
+            raise BackendError("the trt backend runs a bundle's engines; pass bundle= (see `edgeprune build`)")
+        from .runtime.trt_backend import build_trt_pipeline  # numpy + tensorrt + cuda-python + tokenizers only
+
+        return build_trt_pipeline(bundle, method=method, tokens=tokens, ratio=ratio, method_args=method_args)
     if backend == "ort":
         if bundle is None:
             raise BackendError("the ort backend runs an exported bundle; pass bundle= (see `edgeprune export`)")
@@ -59,7 +66,7 @@ def build_pipeline(model: str | None, method: str | None = None, *, tokens: int 
                           + ("(its recipe sets the budget)" if prune.placement == "in_llm" else "(it keeps every token)")
                           + "; drop them")
     if backend != "torch":
-        raise BackendError(f"unknown backend {backend!r}; available: torch, ort")
+        raise BackendError(f"unknown backend {backend!r}; available: torch, ort, trt")
     if loaded is None:
         preflight(model, prune, budget, device=device, kernels=kernels, random_weights=random_weights)
     else:

@@ -24,7 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "Exit 0 within tolerance, 1 outside, 2 on bad input.")
     p.add_argument("--bundle", required=True, metavar="DIR", help="an exported bundle (`edgeprune export`)")
     p.add_argument("--backends", default="torch,ort", metavar="REF,CAND",
-                   help="reference and candidate backends (default: %(default)s)")
+                   help="reference and candidate backends among torch, ort and trt (the bundle's TensorRT "
+                        "engines, `edgeprune build`), e.g. ort,trt (default: %(default)s)")
     p.add_argument("--image", help="image file (default: the bundled example image)")
     p.add_argument("--prompt", default="What is in the image?", help="the question (default: %(default)r)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="greedy steps to compare (default: %(default)s)")

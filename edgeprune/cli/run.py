@@ -21,8 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_generation_args(p)
     p.add_argument("--image", help="image file (default: the bundled example image)")
     p.add_argument("--prompt", default="What is in the image?", help="the question (default: %(default)r)")
-    p.add_argument("--backend", choices=("torch", "ort"),
-                   help="runtime backend: torch (the PyTorch reference, default) or ort (ONNX Runtime over --bundle)")
+    p.add_argument("--backend", choices=("torch", "ort", "trt"),
+                   help="runtime backend: torch (the PyTorch reference, default), ort (ONNX Runtime over --bundle) or "
+                        "trt (the bundle's TensorRT engines, `edgeprune build`; needs TensorRT and an NVIDIA GPU)")
     p.add_argument("--bundle", metavar="DIR", help="run an exported bundle (`edgeprune export`); model, method and "
                    "K come from its manifest (implies --backend ort)")
     add_ort_args(p)
@@ -40,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
 
     check_positive(args.max_new_tokens, "--max-new-tokens")
     trace = check_output_file(args.trace, "--trace") if args.trace else None  # before the request, not after
-    if args.bundle is not None or args.backend == "ort":
+    if args.bundle is not None or args.backend in ("ort", "trt"):
         result = _run_bundle(args)
     else:
         args.backend = args.backend or "torch"
@@ -67,10 +68,10 @@ def _run_bundle(args: argparse.Namespace):
     from ..runtime.sampling import SamplingConfig
 
     if args.bundle is None:
-        raise BackendError("--backend ort runs an exported bundle: pass --bundle DIR (create one with "
+        raise BackendError(f"--backend {args.backend} runs an exported bundle: pass --bundle DIR (create one with "
                            "`edgeprune export --model M --method X --tokens K --out DIR`)")
-    if args.backend not in (None, "ort"):
-        raise BackendError(f"--bundle runs on --backend ort, not {args.backend}; drop --backend or --bundle")
+    if args.backend not in (None, "ort", "trt"):
+        raise BackendError(f"--bundle runs on --backend ort or trt, not {args.backend}; drop --backend or --bundle")
     if not isinstance(args.model, Default):
         raise BackendError("--model and --bundle exclude each other: the bundle fixes the model")
     refuse_with_bundle(args, BUNDLE_FIXES)
@@ -78,7 +79,7 @@ def _run_bundle(args: argparse.Namespace):
                               top_p=args.top_p, seed=args.seed)
     image = load_image(args.image) if args.image else default_image()
     pipe = build_pipeline(None, None if isinstance(args.method, Default) else args.method, tokens=args.tokens,
-                          ratio=args.ratio, method_args=parse_method_args(args.method_arg), backend="ort",
+                          ratio=args.ratio, method_args=parse_method_args(args.method_arg), backend=args.backend or "ort",
                           bundle=args.bundle, providers=[x for x in args.providers.split(",") if x.strip()],
                           ort_decoder=args.ort_decoder)
     args.method = pipe.backend.bundle.method["name"]  # for the summary line

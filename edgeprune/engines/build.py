@@ -23,7 +23,8 @@ ahead of time for one target: ``--sm``, else the visible GPU's, else :data:`DEFA
 Ampere RTX/A-series parts; the builder's own default is a multi-target plan, which one directory name cannot
 describe).
 
-Atomicity: plans are written into ``engines/.tmp-<key>-<pid>/`` and renamed into place; the manifest is rewritten
+The plans are also listed with their sha256 in the manifest's ``files`` (so ``open_bundle`` verifies them like
+every other file). Atomicity: plans are written into ``engines/.tmp-<key>-<pid>/`` and renamed into place; the manifest is rewritten
 through a temporary file and ``os.replace``. An existing set of the same key is kept aside until the new manifest
 is in place, so an interrupted build leaves the previous state (old plans, old manifest).
 """
@@ -180,19 +181,14 @@ def _device_cc() -> int | None:
 
 
 def _fused_ops(bundle: Any) -> dict[str, Any]:
-    """{fused op: node attributes or None} over the bundle's graphs (attributes let the chooser refuse a node
-    the plugin cannot take; from :func:`edgeprune.engines.plugins.fused_ops` when it is available)."""
+    """{fused op: parsed node attributes} over the bundle's graphs (the chooser refuses a node the plugin cannot
+    take, e.g. GraphRank over two groups)."""
+    from .plugins.onnx_modes import fused_ops
+
     ops: dict[str, Any] = {}
     for name, entry in bundle.manifest["graphs"].items():
-        if not entry.get("fused_op"):
-            continue
-        try:
-            from .plugins.onnx_modes import fused_ops
-        except ImportError:
-            ops.setdefault(entry["fused_op"], None)
-            continue
-        for op, attrs in dict(fused_ops(bundle.graphs[name].path)).items():
-            ops[op] = attrs
+        if entry.get("fused_op"):
+            ops.update(fused_ops(bundle.graphs[name].path))
     return ops
 
 
@@ -267,13 +263,14 @@ def build_bundle(r: BuildRequest, *, log_line: Callable[[str], None] | None = No
     _register(plan)
     root = plan.bundle.root
     tmp = root / ENGINES_DIR / f".tmp-{plan.key}-{os.getpid()}"
+    parse_dir = root / ENGINES_DIR / f".parse-{plan.key}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     start = time.perf_counter()
     try:
         builds = {}
         with _progress(len(plan.graphs), log_line) as report:
             for name in plan.graphs:
-                b = build_engine(plan.bundle.graphs[name].path, plan.profiles[name], tmp / f"{name}.plan",
+                b = build_engine(_graph_to_parse(plan, name, parse_dir), plan.profiles[name], tmp / f"{name}.plan",
                                  flavour=plan.flavour, settings=plan.settings)
                 for msg in b.warnings:
                     log.warning("%s: %s", name, msg)
@@ -284,7 +281,22 @@ def build_bundle(r: BuildRequest, *, log_line: Callable[[str], None] | None = No
         _install(root, tmp, plan.rel_dir, plan.key, record)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(parse_dir, ignore_errors=True)
     return record
+
+
+def _graph_to_parse(plan: BuildPlan, name: str, parse_dir: Path) -> Path:
+    """The ONNX file the parser reads: the bundle's own, or, for a fused graph whose modes need one, a copy
+    rewritten by :func:`~edgeprune.engines.plugins.onnx_modes.prepare_for_modes` (``none`` inlines the local
+    function so a registered creator cannot take the node; ``aot`` swaps in the AOT node). The bundle's graph
+    is never modified."""
+    entry = plan.bundle.graphs[name]
+    if not plan.plugin_modes or not plan.bundle.manifest["graphs"][name].get("fused_op"):
+        return entry.path
+    from .plugins.onnx_modes import prepare_for_modes
+
+    parse_dir.mkdir(parents=True, exist_ok=True)
+    return Path(prepare_for_modes(entry.path, parse_dir / entry.path.name, plan.plugin_modes))
 
 
 def _record(plan: BuildPlan, builds: Mapping[str, Any], seconds: float) -> dict[str, Any]:
@@ -314,6 +326,9 @@ def _install(root: Path, tmp: Path, rel_dir: str, key: str, record: Mapping[str,
         os.replace(tmp, final)
         manifest = json.loads((root / MANIFEST).read_text())
         manifest.setdefault("engines", {})[key] = dict(record)
+        # Plans are bundle files: hashed in ``files`` like every other (the reader opens only hashed files).
+        files = {rel: h for rel, h in manifest["files"].items() if not rel.startswith(f"{rel_dir}/")}
+        manifest["files"] = files | {g["file"]: g["sha256"] for g in record["graphs"].values()}
         write_json_atomic(root / MANIFEST, manifest)
     except BaseException:
         shutil.rmtree(final, ignore_errors=True)
