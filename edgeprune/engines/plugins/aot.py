@@ -90,11 +90,9 @@ def _define(trtp: Any, trt: Any) -> None:
         symbols = aot_zonal_topk_symbols(attrs)
         shapes = [scores.shape_expr]
         params = trtp.KernelLaunchParams()
-        for axis, g, b in zip("xyz", symbols["grid"], kernel.block):
-            if axis == "x" or g != 1:  # y and z default to 1
-                setattr(params, f"grid_{axis}", _sym(shapes, g))
-            if axis == "x" or b != 1:
-                setattr(params, f"block_{axis}", int(b))
+        for axis, g, b in zip("xyz", symbols["grid"], kernel.block):  # the setters wrap values in SymInt32
+            setattr(params, f"grid_{axis}", _sym(shapes, g))
+            setattr(params, f"block_{axis}", int(b))
         params.shared_mem = kernel.shared_mem
         extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(_sym(shapes, v)) for _, v in symbols["extra_args"]])
         log.info("%s: PTX %s for sm_%d, grid %s, block %s, %d B shared", PLUGIN_ID, kernel.kernel_name, kernel.sm,
