@@ -1,6 +1,8 @@
 """Roofline figures of a benchmark: the machine's measured ceilings and how close each stage comes to them.
 
-Ceilings are measured once per run and per backend, with that backend's own kernels and thread count:
+Ceilings are measured per backend with that backend's own kernels and thread count, before and after the runs
+(the better of the two is kept: a peak measured while other work shared the machine is too low, and a fraction
+above 100 % in a report says exactly that, or that the data stayed in a cache larger than the copy):
 
 * **compute**: the best of a few large square GEMMs in the run's dtype (``GEMM_SIDE``: 1024 on the CPU, 8192 on
   CUDA), ``2·n³`` FLOPs each: ``torch.matmul`` for the torch backend, a one-node ONNX ``MatMul`` graph on the
@@ -190,6 +192,25 @@ def measure_ceilings(backends: Sequence[str], dtype: str, device: str, providers
             log(f"roofline: {backend} GEMM ceiling not measured ({error})")
         out[backend] = {"flops_per_s": flops, "bytes_per_s": bandwidth, "gemm": gemm_desc, "copy": copy_desc,
                         "threads": threads, "quick": quick, "error": error}
+    return out
+
+
+def merge_ceilings(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Two measurements of the same ceilings (before and after the runs): the larger of each figure per backend.
+
+    A ceiling is a peak, so the better measurement is the truer one on a machine shared with other work;
+    ``measurements`` counts how many were taken.
+    """
+    out = {}
+    for backend, first in a.items():
+        second = b.get(backend) or {}
+        merged = dict(first)
+        for key in ("flops_per_s", "bytes_per_s"):
+            vals = [v for v in (first.get(key), second.get(key)) if v is not None]
+            merged[key] = max(vals) if vals else None
+        merged["measurements"] = first.get("measurements", 1) + 1
+        merged["error"] = first.get("error") if merged["flops_per_s"] is None or merged["bytes_per_s"] is None else None
+        out[backend] = merged
     return out
 
 

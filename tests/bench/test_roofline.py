@@ -124,3 +124,13 @@ def test_machine_record_has_isa_and_versions():
     for lib in ("numpy", "pillow", "onnxruntime", "torch", "onnx"):
         assert lib in v
     assert v["numpy"]
+
+
+def test_merge_ceilings_keeps_the_better_measurement():
+    a = {"ort": {"flops_per_s": 1e10, "bytes_per_s": 5e9, "error": None}}
+    b = {"ort": {"flops_per_s": 2e10, "bytes_per_s": 4e9, "error": None}}
+    got = RF.merge_ceilings(a, b)["ort"]
+    assert got["flops_per_s"] == 2e10 and got["bytes_per_s"] == 5e9 and got["measurements"] == 2
+    broken = RF.merge_ceilings({"ort": {"flops_per_s": None, "bytes_per_s": 5e9, "error": "gemm: x"}},
+                               {"ort": {"flops_per_s": None, "bytes_per_s": 6e9, "error": "gemm: x"}})["ort"]
+    assert broken["flops_per_s"] is None and broken["error"] == "gemm: x" and broken["bytes_per_s"] == 6e9
