@@ -234,18 +234,6 @@ def plan_build(r: BuildRequest, device_cc: Callable[[], int | None] = _device_cc
     return plan
 
 
-def _register(plan: BuildPlan) -> None:
-    """Register our plugin creators before parsing when any fused op builds as an IPluginV3 layer."""
-    ops = [op for op, (mode, _) in plan.plugin_modes.items() if mode == "ipluginv3"]
-    if ops:
-        from .capability import ensure_rtx_parser_libs
-        from .plugins import register_plugins
-
-        if plan.flavour.name == "tensorrt-rtx":
-            ensure_rtx_parser_libs()  # its parser aborts on a plugin node without libtensorrt_rtx.so
-        register_plugins(plan.flavour.module, ops)
-
-
 def build_bundle(r: BuildRequest, *, log_line: Callable[[str], None] | None = None,
                  device_cc: Callable[[], int | None] = _device_cc) -> dict[str, Any]:
     """``edgeprune build``: plan, build every graph, install the set and its manifest record atomically.
@@ -260,7 +248,6 @@ def build_bundle(r: BuildRequest, *, log_line: Callable[[str], None] | None = No
         BuildError, BundleError, EngineBuildError, MissingDependencyError.
     """
     plan = plan_build(r, device_cc)
-    _register(plan)
     root = plan.bundle.root
     tmp = root / ENGINES_DIR / f".tmp-{plan.key}-{os.getpid()}"
     parse_dir = root / ENGINES_DIR / f".parse-{plan.key}-{os.getpid()}"
@@ -286,17 +273,21 @@ def build_bundle(r: BuildRequest, *, log_line: Callable[[str], None] | None = No
 
 
 def _graph_to_parse(plan: BuildPlan, name: str, parse_dir: Path) -> Path:
-    """The ONNX file the parser reads: the bundle's own, or, for a fused graph whose modes need one, a copy
-    rewritten by :func:`~edgeprune.engines.plugins.onnx_modes.prepare_for_modes` (``none`` inlines the local
-    function so a registered creator cannot take the node; ``aot`` swaps in the AOT node). The bundle's graph
-    is never modified."""
+    """The ONNX file the parser reads, from :func:`~edgeprune.engines.plugins.prepare.prepare_graph`: it
+    registers the creators the graph's modes need (IPluginV3; AOT; the RTX parser symlink) and, where a mode
+    needs it, writes a rewritten copy (``none`` inlines the local function so a registered creator cannot take
+    the node; ``aot`` swaps in the AOT node). The bundle's graph is never modified."""
     entry = plan.bundle.graphs[name]
-    if not plan.plugin_modes or not plan.bundle.manifest["graphs"][name].get("fused_op"):
+    if not plan.bundle.manifest["graphs"][name].get("fused_op"):
         return entry.path
-    from .plugins.onnx_modes import prepare_for_modes
+    from .plugins.prepare import prepare_graph
 
     parse_dir.mkdir(parents=True, exist_ok=True)
-    return Path(prepare_for_modes(entry.path, parse_dir / entry.path.name, plan.plugin_modes))
+    prepared = prepare_graph(plan.flavour, plan.request.plugins, entry.path, parse_dir)
+    if prepared.modes and prepared.modes != {op: plan.plugin_modes[op] for op in prepared.modes}:
+        raise BuildError(f"internal error: {name}: plugin modes {prepared.modes} differ from the plan's "
+                         f"{plan.plugin_modes}")
+    return Path(prepared.path)
 
 
 def _record(plan: BuildPlan, builds: Mapping[str, Any], seconds: float) -> dict[str, Any]:
