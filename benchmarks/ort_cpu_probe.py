@@ -10,6 +10,8 @@ intra-op thread (both libraries) it times, interleaved, p50 and min of ``--repea
 * ONNX Runtime: ``decoder.ort.onnx`` (fused Attention-23) and ``decoder.onnx`` (portable) under several session
   options (default; ``session.intra_op.allow_spinning`` off; graph optimisation level extended / basic), and a
   one-node ``MatMul`` graph of the same GEMM shape; numpy's ``matmul`` too;
+* one causal attention of the decoder's shape: torch SDPA vs ORT's Attention-23 and ``com.microsoft``
+  MultiHeadAttention (without a mask, and ``unidirectional``);
 * an ORT profile of one fused-decoder prefill, aggregated by operator type (share of the node time).
 
 It prints the CPU model and ISA flags and the library versions it ran with. A probe, not a test.
@@ -81,6 +83,43 @@ def _gemm_graph(m: int, k: int, n: int, path: Path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
 
 
+def _attention_runs(ort, torch, seq: int, heads: int, dim: int) -> dict[str, callable]:
+    """One causal attention of ``[1, heads, seq, dim]``: torch SDPA and every ORT CPU operator that can do it."""
+    from onnx import TensorProto, helper
+
+    vi = helper.make_tensor_value_info
+    flat = [1, seq, heads * dim]
+
+    def session(node, inputs, domain_ms: bool):
+        graph = helper.make_graph([node], "attn", inputs, [vi("y", TensorProto.FLOAT, None)])
+        opsets = [helper.make_opsetid("", 23 if not domain_ms else 18)]
+        if domain_ms:
+            opsets.append(helper.make_opsetid("com.microsoft", 1))
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.log_severity_level = 1, 3
+        return ort.InferenceSession(helper.make_model(graph, opset_imports=opsets).SerializeToString(), opts,
+                                    providers=["CPUExecutionProvider"])
+
+    rng = np.random.default_rng(0)
+    q4, k4, v4 = (rng.standard_normal((1, heads, seq, dim), dtype=np.float32) for _ in range(3))
+    q3, k3, v3 = (np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(flat)) for x in (q4, k4, v4))
+    ins4 = [vi(n, TensorProto.FLOAT, [1, heads, seq, dim]) for n in "qkv"]
+    ins3 = [vi(n, TensorProto.FLOAT, flat) for n in "qkv"]
+    a23 = session(helper.make_node("Attention", ["q", "k", "v"], ["y"], is_causal=1), ins4, False)
+    mha = session(helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["y"], domain="com.microsoft",
+                                   num_heads=heads), ins3, True)
+    mha_causal = session(helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["y"], domain="com.microsoft",
+                                          num_heads=heads, unidirectional=1), ins3, True)
+    tq, tk, tv = (torch.from_numpy(x) for x in (q4, k4, v4))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    return {f"torch SDPA causal [1,{heads},{seq},{dim}]": lambda: sdpa(tq, tk, tv, is_causal=True),
+            "ORT Attention-23 causal": lambda: a23.run(None, {"q": q4, "k": k4, "v": v4}),
+            "ORT com.microsoft.MultiHeadAttention, no mask (not causal)": lambda: mha.run(None, {"q": q3, "k": k3,
+                                                                                               "v": v3}),
+            "ORT com.microsoft.MultiHeadAttention unidirectional=1": lambda: mha_causal.run(None, {"q": q3, "k": k3,
+                                                                                                  "v": v3})}
+
+
 def _profile_by_op(path: str) -> dict[str, float]:
     events = json.loads(Path(path).read_text())
     by_op: dict[str, float] = defaultdict(float)
@@ -137,6 +176,7 @@ def main() -> None:  # noqa: PLR0915 - a linear probe script
             sess = _ort_session(ort, bundle / file, **kw)
             feeds = _decoder_feeds(sess, a.seq, width)
             runs[f"ORT {file} prefill, {label}"] = (lambda s=sess, f=feeds: s.run(None, f))
+    runs.update(_attention_runs(ort, torch, a.seq, int(cfg.num_attention_heads), width // int(cfg.num_attention_heads)))
     times: dict[str, list[float]] = {k: [] for k in runs}
     for fn in runs.values():
         fn()  # warm-up
