@@ -174,8 +174,9 @@ def register_plugins(trt: ModuleType, ops: tuple[str, ...] | list[str] | None = 
     """Register the ``edgeprune`` creators with ``trt.get_plugin_registry()`` (idempotent).
 
     Call it before parsing a graph whose fused nodes should become plugins, and in every process that
-    deserialises an engine built with them. Under TensorRT for RTX, call
-    :func:`edgeprune.engines.capability.ensure_rtx_parser_libs` before parsing (its parser aborts otherwise).
+    deserialises an engine built with them. Under TensorRT for RTX it first makes the library symlink
+    (:func:`edgeprune.engines.capability.ensure_rtx_parser_libs`): once a creator is registered, its parser
+    loads ``libtensorrt_rtx.so`` on the next plugin node and would abort the process without it.
 
     Args:
         trt: the TensorRT module (``tensorrt`` or ``tensorrt_rtx_bindings``, i.e. ``TrtFlavour.module``).
@@ -184,11 +185,16 @@ def register_plugins(trt: ModuleType, ops: tuple[str, ...] | list[str] | None = 
         The registered plugin ids, ``["edgeprune::ZonalTopK", "edgeprune::GraphRank"]``.
     Raises:
         PluginContractError: an unknown op, or the registry refused a creator.
+        PluginModeError: TensorRT for RTX's library symlink cannot be made (the message says how to make it).
     """
     wanted = list(ops) if ops is not None else list(OPS)
     unknown = sorted(set(wanted) - set(OPS))
     if unknown:
         raise PluginContractError(f"no plugin for ops {unknown}; known: {', '.join(OPS)}")
+    if "rtx" in getattr(trt, "__name__", ""):
+        from ..capability import ensure_rtx_parser_libs
+
+        ensure_rtx_parser_libs()
     done = _REGISTERED.setdefault(id(trt), {})
     registry = trt.get_plugin_registry()
     for op in wanted:
