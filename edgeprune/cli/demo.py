@@ -54,12 +54,13 @@ def main(args: argparse.Namespace) -> int:
 
     check_positive(args.max_new_tokens, "--max-new-tokens")
     check_positive(args.repeat, "--repeat")
-    budget = Budget(tokens=args.tokens)  # validate cheap inputs before building the model
-    preflight(args.model, build_method(args.method), budget, max_new_tokens=args.max_new_tokens)
+    method = build_method(args.method)
+    tokens = args.tokens if method.uses_budget else None  # `--method none` keeps everything: no default budget
+    preflight(args.model, method, Budget(tokens=tokens), max_new_tokens=args.max_new_tokens)  # before building
     image = default_image()
     loaded = load_model(args.model)
     print(f"model {args.model} (random weights, built offline); prompt: {args.prompt!r}\n")
-    runs = (("none", None), (args.method, args.tokens))
+    runs = (("none", None), (args.method, tokens))
     pipes = [build_pipeline(args.model, method, tokens=tokens, loaded=loaded) for method, tokens in runs]
     for pipe in pipes:  # warm-up: first-call allocations and caches are not what a user's next request pays
         pipe.run(image, args.prompt, max_new_tokens=2)

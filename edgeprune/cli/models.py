@@ -23,6 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..models.registry import PRESETS, get_preset
 
+    if args.out and not args.save:
+        raise EdgepruneError("--out only applies with --save NAME (e.g. --save tiny-llava --out DIR)")
     if args.save:
         preset = get_preset(args.save)
         if preset.builder is None:

@@ -64,6 +64,7 @@ CASES = {
     "viz zones": (["viz", "--method", "gridprune", "--method-arg", "zones=1000"], "zones must be in [1, 24]"),
     "demo tokens > N": (["demo", "--tokens", "1000"], "use 1 <= K <= 576"),
     "demo repeat 0": (["demo", "--repeat", "0"], "--repeat must be a positive integer"),
+    "models --out without --save": (["models", "--out", "x"], "--out only applies with --save"),
 }
 if _no_cuda():
     CASES["device cuda without CUDA"] = (["run", "--device", "cuda"], "sees no CUDA device")
