@@ -142,6 +142,11 @@ def check_options(o: BenchOptions) -> None:
     methods = [build_method(m, o.method_args.get(m)) for m in o.methods]
     if any(m.uses_budget for m in methods) and not (o.tokens or o.ratios):
         raise BudgetError("--tokens and --ratios are both empty; give at least one budget, e.g. --tokens 64")
+    from ..api import preflight  # --device, --kernels and each method's bounds against the model's config
+
+    for m in methods:
+        preflight(o.model, m, Budget(tokens=max(o.tokens)) if m.uses_budget and o.tokens else Budget(),
+                  device=o.device, kernels=o.kernels, random_weights=o.random_weights)
 
 
 def plan(o: BenchOptions, n: int) -> list[Combo]:

@@ -109,7 +109,13 @@ def export_bundle(model: Any, method: str = "none", *, out_dir: str | os.PathLik
     out = Path(out_dir)
     recover(out, log or _stderr)  # leftovers of killed exports to the same target (restores an interrupted swap)
     _check_out_dir(out, force)
+    from ..models.limits import limits_from_config, model_limits
+
+    limits = model_limits(model, random_weights) if isinstance(model, str) else None
+    if limits is not None:  # a preset's shipped config: refuse e.g. GridPrune zones above the grid before building
+        prune.check_limits(limits)
     loaded = _load(model, dtype, random_weights)
+    prune.check_limits(limits_from_config(loaded.config))  # every model, with the bound in the message
     plan = G.plan_prune(loaded, prune, budget, clip)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(out.absolute())

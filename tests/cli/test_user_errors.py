@@ -64,6 +64,11 @@ CASES = {
     "viz zones": (["viz", "--method", "gridprune", "--method-arg", "zones=1000"], "zones must be in [1, 24]"),
     "demo tokens > N": (["demo", "--tokens", "1000"], "use 1 <= K <= 576"),
     "demo repeat 0": (["demo", "--repeat", "0"], "--repeat must be a positive integer"),
+    "export zones 1000": (["export", "--method", "gridprune", "--tokens", "8", "--method-arg", "zones=1000",
+                           "--out", "b"], "zones must be in [1, 24]"),
+    "bench device bogus": (["bench", "--device", "bogus", "--out", "r.json"], "not a device name"),
+    "bench zones": (["bench", "--methods", "gridprune", "--method-arg", "zones=99", "--out", "r.json"],
+                    "zones must be in [1, 24]"),
     "models --out without --save": (["models", "--out", "x"], "--out only applies with --save"),
 }
 if _no_cuda():
