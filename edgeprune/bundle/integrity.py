@@ -9,7 +9,7 @@ One validation layer, run by :func:`edgeprune.bundle.reader.open_bundle` after t
 2. **Hashes** (:func:`verify_files`): every listed file exists, is readable, and has its recorded sha256.
 3. **Export records** (:func:`check_records`): every graph file carries the record the exporter wrote
    (:mod:`edgeprune.bundle.onnx_meta`); the manifest's method, prompt, vision, preprocessing and
-   max_positions, the graph's spec and the model fingerprint must equal it, and the graph's external data must
+   max_positions, the graph's spec and the model dtype must equal it, and the graph's external data must
    be hashed files of the bundle.
 
 What this protects against and what not (``docs/bundle-format.md``): sha256 detects edits, truncation and

@@ -2,7 +2,7 @@
 
 The exporter writes into every graph file (``ModelProto.metadata_props``, key :data:`RECORD_KEY`) a JSON record
 of what the graph was exported for: the graph name and spec, the method section (name, K, N, positions,
-params, ...), the model fingerprint and dtype, and the host sections the graph's numbers depend on (prompt,
+params, ...), the model dtype, and the host sections the graph's numbers depend on (prompt,
 vision, preprocessing, max_positions). The graph files are hashed in the manifest, so editing the manifest
 alone (``method.name``, ``positions``, ...) no longer changes what runs silently: :mod:`edgeprune.bundle.reader`
 compares the two on open.
@@ -23,7 +23,9 @@ from typing import Any, Iterator
 RECORD_KEY = "edgeprune.built_for"
 # The manifest sections every record repeats (besides the graph's own name and spec).
 RECORD_SECTIONS = ("method", "prompt", "vision", "preprocessing", "max_positions")
-RECORD_MODEL_KEYS = ("fingerprint", "dtype")
+# The model's dtype (what the graphs compute in). Not its weights fingerprint: that is where the weights came
+# from, which ``--reuse`` and ``compare`` check against a real model, and which the graphs' hashes already pin.
+RECORD_MODEL_KEYS = ("dtype",)
 
 
 class OnnxFormatError(ValueError):

@@ -1,7 +1,7 @@
 """Write each graph's export record into its ONNX files (``metadata_props``), just before the manifest.
 
 The record (:func:`edgeprune.bundle.onnx_meta.export_record`) says what the graph was exported for: its name
-and spec, the method section (name, K, N, positions, params, ...), the model fingerprint and dtype, and the
+and spec, the method section (name, K, N, positions, params, ...), the model dtype, and the
 prompt / vision / preprocessing / max_positions sections. The graph files are hashed afterwards, so the
 runtime can refuse a manifest edited to say something else (:func:`edgeprune.bundle.integrity.check_records`).
 """

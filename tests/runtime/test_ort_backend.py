@@ -162,7 +162,11 @@ def test_decoder_choice_by_provider_and_fallbacks(bundles, tmp_path, caplog, cap
     # an onnxruntime that cannot load the variant (simulated: unreadable file, hashes updated): auto falls back
     root = tmp_path / "b"
     shutil.copytree(bundles["cls-topk"], root)
-    (root / "decoder.ort.onnx").write_bytes(b"not an onnx model")
+    import onnx  # a well-formed graph with its export record, but an opset this onnxruntime does not know
+
+    variant = onnx.load(str(root / "decoder.ort.onnx"), load_external_data=False)
+    next(o for o in variant.opset_import if o.domain in ("", "ai.onnx")).version = 99
+    onnx.save(variant, str(root / "decoder.ort.onnx"))
     m = json.loads((root / MANIFEST).read_text())
     m["files"]["decoder.ort.onnx"] = sha256_file(root / "decoder.ort.onnx")
     (root / MANIFEST).write_text(json.dumps(m))
@@ -179,7 +183,7 @@ def test_decoder_choice_by_provider_and_fallbacks(bundles, tmp_path, caplog, cap
     assert "no fused-attention decoder" in err and err.count("\n") == 1
     m["graphs"]["decoder"]["variants"] = {"ort": {"file": "other.onnx"}}
     (root / MANIFEST).write_text(json.dumps(m))
-    with pytest.raises(BundleError, match="lists other.onnx for the decoder graph without its sha256"):
+    with pytest.raises(BundleError, match="variants.ort.file = 'other.onnx' is not listed with its sha256"):
         open_bundle(root)
 
 
