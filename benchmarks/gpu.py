@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     kernels = [sys.executable, "benchmarks/kernels.py"] + (["--help"] if args.dry_run else ["--sizes", "576,2880"])
     steps.append(run_step("kernels", kernels, out, min(90, left()), env))
     plugin = [sys.executable, "benchmarks/plugin_launch.py", "--out", str(out / "plugin")]
-    steps.append(run_step("plugin", plugin + (["--dry-run"] if args.dry_run else []), out, min(300, left()), env))
+    steps.append(run_step("plugin", plugin + (["--dry-run"] if args.dry_run else []), out,
+                          min(300 if args.dry_run else 150, left()), env))
     recipe_path, recipe = out / "fitprune-recipe.json", None
     model = "tiny-llava" if args.dry_run else "llava-1.5-7b"
     start = time.monotonic()
