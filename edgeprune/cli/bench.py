@@ -25,7 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Run every combination of --methods, --tokens/--ratios and --backends on one model: warm-up, "
                     "then --repeat measured requests; report p50/p90 per stage (preprocess, vision, guidance, "
                     "prune, embed, prefill, decode step), TTFT, decode tokens/s, end-to-end time, peak memory and "
-                    "the analytic FLOPs (ideal TTFT speedup) beside the measured ratios.")
+                    "the analytic FLOPs (ideal TTFT speedup) beside the measured ratios, and the roofline: each stage's "
+                    "achieved FLOP/s and bytes/s against the GEMM and copy ceilings measured on this machine, and the "
+                    "stage furthest from its limit (docs/performance.md).")
     add_model_args(p)
     g = p.add_argument_group("sweep")
     g.add_argument("--methods", default="none,cls-topk", help="comma-separated methods (default: %(default)s)")
