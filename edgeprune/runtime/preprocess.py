@@ -258,7 +258,8 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
                 rgb = _to_rgb(img, copy=True)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's own check in Image.open (above 89.5 megapixels) fires before ours can.
-        raise ImageError(f"image {str(p)!r} is too large ({exc}): {_LIMIT_ADVICE}") from exc
+        raise ImageError(f"image {str(p)!r} is too large: Pillow refuses it as a possible decompression bomb "
+                         f"({str(exc).rstrip('.')}), {_LIMIT_ADVICE}") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # Pillow reports bad data through all of these (UnidentifiedImageError is an OSError).
         raise ImageError(
