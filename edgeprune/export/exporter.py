@@ -44,10 +44,11 @@ from ..methods.base import Budget
 from ..methods.registry import build_method
 from . import graphs as G
 from . import quantize as Q
-from ..bundle.format import CLIP_TOKENIZER_DIR, MANIFEST, NEWLINE_FILE, TOKENIZER_FILE
+from ..bundle.format import (CLIP_TOKENIZER_DIR, MANIFEST, NEWLINE_FILE, TOKENIZER_FILE, VARIANT, VARIANT_OPSET,
+                             variant_file)
 from ..bundle.manifest import write_manifest
 from ..errors import ExportError
-from .ort_variant import VARIANT, VARIANT_OPSET, llm_attention, share_external_data, variant_file
+from .ort_variant import llm_attention, share_external_data
 from .atomic import make_temp_dir, move_into_place, recover
 from .job import GraphJob
 from .records import stamp_records

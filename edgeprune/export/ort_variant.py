@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .._deps import require
-from ..bundle.format import ORT_DECODER_CHOICES, VARIANT, VARIANT_OPSET, variant_file  # the format's names
+from ..bundle.format import VARIANT_OPSET
 
 
 @contextlib.contextmanager
