@@ -13,9 +13,9 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import EdgepruneError
-from . import bench, build, compare, demo, export, fit_recipe, methods, models, run, viz
+from . import bench, build, compare, demo, eval, export, fit_recipe, methods, models, run, viz
 
-COMMANDS = (run, demo, export, build, methods, models, viz, fit_recipe, compare, bench)
+COMMANDS = (run, demo, export, build, methods, models, viz, fit_recipe, compare, bench, eval)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,7 +38,7 @@ def resolve_clip(loaded: Any, method: Any, clip: Any) -> Any:
         return clip
     from ..models.clip_guidance import TINY_CLIP, load_clip
 
-    spec = clip or (TINY_CLIP if loaded.source == "offline-preset" else None)
+    spec = clip or loaded.default_clip or (TINY_CLIP if loaded.source == "offline-preset" else None)
     if spec is None and loaded.source != "random-weights":
         if method.params.guidance == "clip":
             raise MethodArgumentError("gridprune: guidance=clip needs the CLIP checkpoint of the vision tower; give "

@@ -20,6 +20,7 @@ import torch
 
 from .._deps import require
 from ..errors import ModelLoadError
+from .shapes import SHAPES_CLIP
 from .tokenizer import build_tokenizer
 
 TINY_CLIP = "tiny-clip"
@@ -112,7 +113,7 @@ def _random_clip(transformers: Any, text: Any, vision_config: Any, proj: int, to
 
 def load_clip(spec: str, vision_config: Any, random_weights: bool = False, dtype: Any = None,
               device: str = "cpu") -> ClipGuidance:
-    """Resolve ``--clip``: ``tiny-clip``, a ``CLIPModel`` directory / hub id, or (empty ``spec`` with random
+    """Resolve ``--clip``: ``tiny-clip``, ``shapes-clip`` (shipped with ``shapes-llava``), a ``CLIPModel`` directory / hub id, or (empty ``spec`` with random
     weights) CLIP-L/336's text tower with random weights.
 
     Raises:
@@ -121,6 +122,10 @@ def load_clip(spec: str, vision_config: Any, random_weights: bool = False, dtype
     transformers = require("transformers")
     if spec == TINY_CLIP:
         guide = build_tiny_clip(vision_config)
+    elif spec == SHAPES_CLIP:  # trained with the shapes-llava preset, shipped in the package
+        from .shapes import load_shapes_clip
+
+        guide = load_shapes_clip()
     elif not spec:  # no checkpoint named: only a random-weights build may invent one
         if not random_weights:
             raise ModelLoadError("no CLIP checkpoint given for guidance=clip; pass --clip DIR|hub-id")

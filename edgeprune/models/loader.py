@@ -36,7 +36,9 @@ class LoadedModel:
         tokenizer: a fast tokenizer that adds BOS.
         image_config: preprocessing parameters.
         template: prompt template with ``<image>`` and ``{prompt}``.
-        source: ``offline-preset``, ``random-weights``, ``directory`` or ``hub``.
+        source: ``offline-preset``, ``packaged`` (trained weights shipped in the package), ``random-weights``,
+            ``directory`` or ``hub``.
+        default_clip: the ``--clip`` that goes with these weights when none is given (``shapes-clip``), or None.
     """
 
     name: str
@@ -46,6 +48,7 @@ class LoadedModel:
     image_config: ImageConfig
     template: str
     source: str
+    default_clip: str | None = None
 
     @property
     def config(self) -> Any:
@@ -85,6 +88,8 @@ def load_model(model: str, *, random_weights: bool = False, dtype: str = "fp32",
     tdtype = torch_dtype(dtype)
     if model in PRESETS:
         preset = get_preset(model)
+        if preset.weights is not None:
+            return _load_packaged(preset, tdtype, device)
         if preset.builder is not None:
             m, tok, img = build_tiny(preset.builder)
             return LoadedModel(model, FAMILIES[preset.family], m.to(device=device, dtype=tdtype), tok, img,
@@ -119,6 +124,19 @@ def _random_from_preset(preset: Preset, tdtype: Any, device: str, seed: int) -> 
     img = ImageConfig(size=vc.image_size, crop=vc.image_size, grid_pinpoints=pins)
     return LoadedModel(preset.name, FAMILIES[model_type], model, tok, img, TEMPLATES[preset.template],
                        "random-weights")
+
+
+def _load_packaged(preset: Preset, tdtype: Any, device: str) -> LoadedModel:
+    """A preset whose trained weights ship in ``edgeprune/assets/<weights>/`` (``shapes-llava``)."""
+    from importlib import resources
+
+    path = str(resources.files("edgeprune").joinpath("assets", preset.weights or ""))
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelLoadError(f"the weights of {preset.name!r} are missing from the installed package ({path}); "
+                             f"reinstall edgeprune")
+    loaded = _load_pretrained(path, preset.name, tdtype, device, "directory", TEMPLATES[preset.template])
+    loaded.source, loaded.default_clip = "packaged", preset.clip
+    return loaded
 
 
 def available_memory(device: str) -> int | None:

@@ -20,7 +20,8 @@ VICUNA_V1 = (
     "detailed, and polite answers to the human's questions. USER: <image>\n{prompt} ASSISTANT:"
 )
 MISTRAL_INST = "[INST] <image>\n{prompt} [/INST]"
-TEMPLATES = {"vicuna_v1": VICUNA_V1, "mistral_instruct": MISTRAL_INST}
+SHAPES = "USER: <image>\n{prompt} ASSISTANT:"  # the trained shapes-llava preset (models/shapes.py)
+TEMPLATES = {"vicuna_v1": VICUNA_V1, "mistral_instruct": MISTRAL_INST, "shapes": SHAPES}
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class Preset:
         hf_id: the Hugging Face id loaded with real weights, or None for offline-only presets.
         builder: key of the offline builder in ``models.tiny`` (random weights, synthetic tokenizer), or None.
         template: key in :data:`TEMPLATES`.
+        weights: trained weights shipped in the package (``edgeprune/assets/<weights>/``), or None.
+        clip: the CLIP guidance that goes with ``weights`` (a ``--clip`` name such as ``shapes-clip``), or None.
     """
 
     name: str
@@ -42,6 +45,8 @@ class Preset:
     hf_id: str | None = None
     builder: str | None = None
     template: str = "vicuna_v1"
+    weights: str | None = None
+    clip: str | None = None
 
     @property
     def offline(self) -> bool:
@@ -49,7 +54,11 @@ class Preset:
         return self.hf_id is None
 
     def shipped_config(self) -> dict[str, Any] | None:
-        """The architecture config shipped with the package for ``--random-weights`` (None for tiny presets)."""
+        """The architecture config shipped with the package: ``models/configs/<name>.json`` for hub presets (what
+        ``--random-weights`` builds), the trained model's ``config.json`` for presets with ``weights``, None for
+        the random offline builders."""
+        if self.weights is not None:
+            return json.loads(resources.files("edgeprune").joinpath("assets", self.weights, "config.json").read_text())
         if self.hf_id is None:
             return None
         text = resources.files("edgeprune.models").joinpath("configs", f"{self.name}.json").read_text()
@@ -65,6 +74,9 @@ PRESETS: dict[str, Preset] = {
                "for tests", builder="tiny-llava-next"),
         Preset("mini-llava", "llava", "~60M-parameter random LLaVA-1.5 (CLIP 512x4, Llama 512x4, vocab 32000) "
                "for CPU benchmarks", builder="mini-llava"),
+        Preset("shapes-llava", "llava", "tiny LLaVA-1.5 (576 tokens) trained on synthetic shapes VQA, weights "
+               "shipped: accuracy of pruning methods offline (docs/eval.md)", template="shapes",
+               weights="shapes-llava", clip="shapes-clip"),
         Preset("llava-1.5-7b", "llava", "LLaVA-1.5 7B (Vicuna-7B)", hf_id="llava-hf/llava-1.5-7b-hf"),
         Preset("llava-1.5-13b", "llava", "LLaVA-1.5 13B (Vicuna-13B)", hf_id="llava-hf/llava-1.5-13b-hf"),
         Preset("llava-next-7b", "llava_next", "LLaVA-NeXT 7B (v1.6, Vicuna-7B)",
