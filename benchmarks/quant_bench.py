@@ -7,6 +7,7 @@ bundle once, in turn, so that drift in clock or load hits all alike), at ``--thr
 - TTFT (preprocess + vision + embed + prefill) and the p50 decode step of ``--new-tokens`` greedy tokens;
 - bytes read per decode step: the decoder file's initializers (quantized weights + scales + zero points, as
   stored) plus the KV cache at the measured length, and the achieved bytes/s;
+- the decoder graph alone at each MatMulNBits ``accuracy_level`` (``--levels``), the kernel choice;
 - greedy-token agreement with the fp32 bundle on ``--prompts`` synthetic images and questions, teacher-forced
   (the quantized decoder is fed the fp32 greedy tokens, and each step's argmax is compared: the rate a
   sequence-level comparison cannot hide behind one early divergence), plus the first-token and the
@@ -171,6 +172,51 @@ def step_bytes(bundles: dict[str, Path], pipes: dict[str, Any], cache: int) -> d
     return out
 
 
+def kernel_levels(bundles: dict[str, Path], levels: list[int], repeats: int, cache: int,
+                  threads: int) -> dict[str, dict[str, float]]:
+    """The decoder graph alone (``decoder.ort.onnx``): p50 of one decode step over a ``cache``-token past, for
+    each quantized bundle at each MatMulNBits ``accuracy_level`` (rewritten in memory), interleaved with fp32."""
+    import onnx
+    import onnxruntime as ort
+
+    def session(proto_or_path: Any) -> Any:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        src = proto_or_path.SerializeToString() if hasattr(proto_or_path, "SerializeToString") else str(proto_or_path)
+        return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
+
+    sessions = {"fp32": session(bundles["fp32"] / "decoder.ort.onnx")}
+    for name, root in bundles.items():
+        if name == "fp32":
+            continue
+        for level in levels:
+            proto = onnx.load(str(root / "decoder.ort.onnx"))  # weights loaded: the session is built from bytes
+            for node in proto.graph.node:
+                for attr in node.attribute:
+                    if node.op_type == "MatMulNBits" and attr.name == "accuracy_level":
+                        attr.i = level
+            sessions[f"{name} level {level}"] = session(proto)
+    m = json.loads((bundles["fp32"] / "manifest.json").read_text())["model"]
+    rng = np.random.default_rng(0)
+    feeds = {"inputs_embeds": (0.02 * rng.standard_normal((1, 1, m["hidden_size"]))).astype(np.float32),
+             "attention_mask": np.ones((1, cache + 1), np.int64), "position_ids": np.array([[cache]], np.int64)}
+    for i in range(m["num_layers"]):
+        for kind in ("key", "value"):
+            feeds[f"past_{kind}_{i}"] = rng.standard_normal((1, m["num_kv_heads"], cache, m["head_dim"])).astype(
+                np.float32)
+    times: dict[str, list[float]] = {n: [] for n in sessions}
+    for s in sessions.values():
+        s.run(["logits"], feeds)
+    for _ in range(repeats):
+        for n, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(["logits"], feeds)
+            times[n].append(time.perf_counter() - t0)
+    base = float(np.median(times["fp32"]))
+    return {n: {"step_ms": 1e3 * float(np.median(v)), "speedup": base / float(np.median(v))} for n, v in times.items()}
+
+
 def machine() -> dict[str, Any]:
     import onnxruntime as ort
 
@@ -218,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--agree-steps", type=int, default=8)
+    p.add_argument("--levels", default="0,1,4", help="MatMulNBits accuracy_level values for the decoder-graph "
+                   "kernel sweep ('' to skip; default: %(default)s)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     args.schemes = [s for s in args.schemes.split(",") if s]
@@ -232,9 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     res["timing"] = timing(pipes, args.repeats, args.new_tokens)
     res["bytes"] = step_bytes(bundles, pipes, cache=600)
     res["agreement"] = agreement(pipes, args.prompts, args.agree_steps)
+    if args.levels:
+        res["kernel_levels"] = kernel_levels(bundles, [int(x) for x in args.levels.split(",")], 5 * args.repeats,
+                                             600, args.threads)
     res["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(res["machine"]))
     print(table(res))
+    for n, r in res.get("kernel_levels", {}).items():
+        print(f"decoder graph, {n}: {r['step_ms']:.2f} ms ({r['speedup']:.2f}x)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
