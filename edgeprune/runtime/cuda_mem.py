@@ -81,6 +81,7 @@ class CudaDevice:
         _check(rt.cudaSetDevice(device), "cudaSetDevice")
         self.stream = _check(rt.cudaStreamCreate(), "cudaStreamCreate")
         self._kind = rt.cudaMemcpyKind
+        self._pending: list[np.ndarray] = []  # host arrays queued uploads still read (freed at synchronize)
 
     @property
     def stream_handle(self) -> int:
@@ -95,11 +96,12 @@ class CudaDevice:
         _check(self.rt.cudaFree(buf.ptr), "cudaFree")
 
     def upload(self, buf: DeviceBuffer, host: np.ndarray) -> None:
-        """Copy a C-contiguous host array into ``buf`` (asynchronous on the stream; the array must stay alive
-        until the stream reaches it: the backend keeps its staging arrays until :meth:`synchronize`)."""
+        """Copy a host array into ``buf``, asynchronously on the stream; the array is kept alive until the next
+        :meth:`synchronize` (the copy reads it when the stream gets there)."""
         host = np.ascontiguousarray(host)
         if host.nbytes > buf.nbytes:
             raise BackendError(f"internal error: {host.nbytes} bytes do not fit a {buf.nbytes}-byte buffer")
+        self._pending.append(host)
         _check(self.rt.cudaMemcpyAsync(buf.ptr, host.ctypes.data, host.nbytes, self._kind.cudaMemcpyHostToDevice,
                                        self.stream), "cudaMemcpyAsync(host to device)")
 
@@ -118,6 +120,7 @@ class CudaDevice:
 
     def synchronize(self) -> None:
         _check(self.rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        self._pending.clear()
 
     def event(self) -> Any:
         """A new event recorded on the stream now."""

@@ -182,6 +182,9 @@ def _output_allocator(trt: Any, runner: "TrtRunner") -> Any:
             self.buffers[tensor_name] = buf
             return int(buf.ptr)
 
+        def reallocate_output(self, tensor_name: str, memory: int, size: int, alignment: int) -> int:
+            return self.reallocate_output_async(tensor_name, memory, size, alignment, 0)  # TensorRT < 10 name
+
         def notify_shape(self, tensor_name: str, shape: Any) -> None:
             self.shapes[tensor_name] = tuple(int(d) for d in shape)
 
@@ -216,7 +219,6 @@ class TrtRunner:
         self.profiles = int(self.engine.num_optimization_profiles)
         self.profile = 0
         self._pool: dict[str, Any] = {}
-        self._staged: list[np.ndarray] = []  # host arrays an asynchronous upload still reads
         self._alloc = _output_allocator(api.trt, self)
         self._dtypes = {t.name: np.dtype(t.np_dtype) for t in (*self.spec.inputs, *self.spec.outputs)}
 
@@ -242,8 +244,7 @@ class TrtRunner:
         if isinstance(value, np.ndarray):
             host = np.ascontiguousarray(value, dtype=self._dtypes[name])
             buf = self.scratch(f"in:{name}", host.nbytes)
-            self.api.device.upload(buf, host)
-            self._staged.append(host)
+            self.api.device.upload(buf, host)  # the device keeps ``host`` alive until the stream is synchronised
             value = DeviceTensor(buf, tuple(host.shape), host.dtype)
         if not self.context.set_input_shape(name, tuple(value.shape)):
             raise BackendError(f"{self.name}: input {name!r} shape {list(value.shape)} is outside the engine's "
@@ -291,10 +292,8 @@ class TrtRunner:
         return shapes
 
     def download(self, t: DeviceTensor) -> np.ndarray:
-        """A host copy of ``t`` (synchronises the stream; staged uploads are then released)."""
-        out = self.api.device.download(t.buf, t.shape, t.dtype)
-        self._staged.clear()
-        return out
+        """A host copy of ``t`` (synchronises the stream)."""
+        return self.api.device.download(t.buf, t.shape, t.dtype)
 
     def infer(self, feeds: Mapping[str, np.ndarray], stage: str | None = None) -> list[np.ndarray]:
         """Host in, host out, outputs in spec order (what the inherited host logic calls).

@@ -176,3 +176,42 @@ def test_real_tensorrt_build_run_and_compare(real_trt, tiny_llava, method, tmp_p
     assert np.array_equal(got.kept, ref.kept)
     report = compare_bundle(root, "ort,trt", max_new_tokens=NEW, ort_decoder="portable")
     assert report.passed, report.table()
+
+
+def test_cuda_device_over_a_recorded_runtime(monkeypatch):
+    """CudaDevice's calls and status checks, on a stand-in for ``cuda.bindings.runtime`` (no driver here)."""
+    import types
+
+    from edgeprune.runtime import cuda_mem
+
+    calls = []
+
+    def ok(name, *values):
+        return lambda *a: calls.append((name, a)) or (0, *values)
+
+    attrs = types.SimpleNamespace(cudaDevAttrComputeCapabilityMajor="major", cudaDevAttrComputeCapabilityMinor="minor")
+    rt = types.SimpleNamespace(
+        cudaGetDeviceCount=ok("count", 1), cudaDeviceAttr=attrs,
+        cudaDeviceGetAttribute=lambda attr, dev: (0, 8 if attr == "major" else 6),
+        cudaSetDevice=ok("set"), cudaStreamCreate=ok("stream", 99), cudaMalloc=ok("malloc", 4096),
+        cudaMemcpyAsync=ok("memcpy"), cudaStreamSynchronize=ok("sync"), cudaFree=ok("free"),
+        cudaMemcpyKind=types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2,
+                                             cudaMemcpyDeviceToDevice=3))
+    monkeypatch.setattr(cuda_mem, "_cudart", lambda: rt)
+    assert cuda_mem.device_compute_capability() == 86
+    dev = cuda_mem.CudaDevice()
+    assert dev.cc == 86 and dev.stream_handle == 99
+    buf = dev.alloc(64)
+    dev.upload(buf, np.arange(4, dtype=np.int64))
+    assert len(dev._pending) == 1 and calls[-1][1][2:4] == (32, 1)  # bytes, host to device
+    out = dev.download(buf, (4,), np.int64)
+    assert out.shape == (4,) and not dev._pending and calls[-1][0] == "sync"
+    with pytest.raises(BackendError, match="do not fit a 64-byte buffer"):
+        dev.upload(buf, np.zeros(100, np.float32))
+    rt.cudaMalloc = lambda n: (2, None)  # cudaErrorMemoryAllocation
+    with pytest.raises(BackendError, match="cudaMalloc failed"):
+        dev.alloc(1 << 40)
+    rt.cudaGetDeviceCount = lambda: (35, None)  # cudaErrorInsufficientDriver, as on this machine
+    assert cuda_mem.device_compute_capability() is None
+    with pytest.raises(BackendError, match="no usable CUDA device"):
+        cuda_mem.CudaDevice()
