@@ -161,7 +161,7 @@ def _edited(bundle, tmp_path, **model):
 
 
 @pytest.mark.parametrize("case,match", [
-    ("missing", "does not exist"), ("backend", "unknown backend 'trt'"), ("one-backend", "takes two names"),
+    ("missing", "does not exist"), ("backend", "unknown backend 'tpu'"), ("one-backend", "takes two names"),
     ("model", "cannot rebuild the torch reference"), ("weights", "fingerprint mismatch"),
     ("image", "image"), ("tokens", "--max-new-tokens must be a positive integer")])
 def test_bad_inputs_exit_2(case, match, bundle, tmp_path, capsys):
@@ -169,7 +169,7 @@ def test_bad_inputs_exit_2(case, match, bundle, tmp_path, capsys):
     if case == "missing":
         argv[1] = tmp_path / "nope"
     elif case == "backend":
-        argv += ["--backends", "torch,trt"]
+        argv += ["--backends", "torch,tpu"]
     elif case == "one-backend":
         argv += ["--backends", "ort"]
     elif case == "model":
