@@ -76,30 +76,41 @@ def bundle_name(model: str, method: str, tokens, method_args=None, **export_kwar
     return f"{model}-{method}-{tokens}{extra}"
 
 
+# The K of each model's base bundle (cls-topk, exported in full; the others reuse its graphs).
+BASE_K = {"tiny-llava-next": 160}
+
+
 @pytest.fixture(scope="session")
-def exported_bundle(tmp_path_factory):
+def exported_bundle(tmp_path_factory, tiny_recipe):
     """Factory ``exported_bundle(loaded, method, tokens=None, method_args=None, **export_kwargs) -> Path``.
 
     Each distinct bundle is exported once per session under ``<basetemp>/bundles/`` and shared by every module
-    (tests must not modify it: copy it first). Every export after a model's first reuses that model's
-    ``cls-topk`` K=64 graphs (vision, embed, decoder) where the export arguments allow, so a method costs only its
-    own graphs. An atomic export leaves a directory only when it is complete.
+    (tests must not modify it: copy it first). Every other bundle reuses the model graphs (vision, embed, decoder)
+    of the model's ``cls-topk`` bundle (K = 64, NeXT 160; FitPrune: FastV's ragged decoder) unless its export
+    arguments change them (dtype, opset, weights, ort_variant), so a method costs only its own graphs. An atomic
+    export leaves a directory only when it is complete.
     """
     from edgeprune.bundle.format import MANIFEST
     from edgeprune.export.exporter import export_bundle
 
     base = tmp_path_factory.getbasetemp() / "bundles"
 
-    def get(loaded, method: str, tokens=None, method_args=None, reuse: bool = True, **export_kwargs) -> Path:
+    def get(loaded, method: str, tokens=None, method_args=None, reuse: bool | Path = True, **export_kwargs) -> Path:
+        """``reuse``: True (the model's base bundle, see above), False, or the bundle to reuse (e.g. FastV's ragged
+        decoder for FitPrune)."""
+        method_args = dict(method_args or {}) or None
         root = base / bundle_name(loaded.name, method, tokens, method_args, **export_kwargs)
         if (root / MANIFEST).is_file():
             return root
-        source = None
-        if reuse and export_kwargs.get("dtype", "fp32") == "fp32" and "opset" not in export_kwargs \
-                and "weights" not in export_kwargs and (method, tokens, method_args) != ("cls-topk", 64, None):
-            source = get(loaded, "cls-topk", 64)
+        k = BASE_K.get(loaded.name, 64)
+        source = reuse if isinstance(reuse, Path) else None
+        if reuse is True and root != base / bundle_name(loaded.name, "cls-topk", k) \
+                and not {"dtype", "opset", "weights", "ort_variant"} & set(export_kwargs):
+            # FitPrune's ragged decoder has FastV's spec: reuse it; every other method reuses cls-topk's graphs
+            source = get(loaded, "fastv", k) if method == "fitprune" else get(loaded, "cls-topk", k)
         export_bundle(loaded, method, tokens=tokens, method_args=method_args, out_dir=root, reuse_from=source,
                       log=lambda msg: None, **export_kwargs)
         return root
 
+    get.recipe = tiny_recipe  # the session's FitPrune recipe file
     return get

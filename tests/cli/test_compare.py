@@ -12,7 +12,6 @@ import pytest
 from edgeprune._deps import available
 from edgeprune.cli import main
 from edgeprune.eval import compare as C
-from edgeprune.export.exporter import export_bundle
 from edgeprune.bundle.format import MANIFEST
 from edgeprune.runtime.ort_backend import OrtBackend
 
@@ -20,26 +19,15 @@ PROMPT = "What does the sign say?"
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory, tiny_llava):
-    """One cls-topk K=64 bundle; same path as the ORT backend tests, so a full run exports it once."""
-    root = tmp_path_factory.getbasetemp() / "bundles" / "tiny-llava-cls-topk-64"
-    if not (root / MANIFEST).is_file():
-        export_bundle(tiny_llava, "cls-topk", tokens=64, out_dir=root, log=lambda m: None)
-    return root
+def bundle(exported_bundle, tiny_llava):
+    """One cls-topk K=64 bundle, shared by the session (tests/conftest.py)."""
+    return exported_bundle(tiny_llava, "cls-topk", 64)
 
 
 @pytest.fixture(scope="module")
-def method_bundle(bundle, tmp_path_factory, tiny_llava):
-    """Bundles of other methods (same directories as the engine build tests), reusing ``bundle``'s graphs."""
-    def get(method, k, args):
-        suffix = "".join(f"-{a}={v}" for a, v in sorted(args.items()))
-        root = tmp_path_factory.getbasetemp() / "bundles" / f"tiny-llava-{method}-{k}{suffix}"
-        if not (root / MANIFEST).is_file():
-            export_bundle(tiny_llava, method, tokens=k, method_args=args, out_dir=root, reuse_from=bundle,
-                          log=lambda m: None)
-        return root
-
-    return get
+def method_bundle(exported_bundle, tiny_llava):
+    """Bundles of other methods (the session's, reusing cls-topk's model graphs)."""
+    return lambda method, k, args: exported_bundle(tiny_llava, method, k, args)
 
 
 def _cli(capsys, *argv):

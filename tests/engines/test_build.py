@@ -23,23 +23,13 @@ pytest.importorskip("tensorrt_rtx_bindings")
 NO_GPU = lambda: None  # noqa: E731 - the device seam: build as on a machine without a GPU
 
 
-def exported(factory, loaded, method, k):
-    """A session-wide bundle (same path scheme as tests/runtime/test_ort_backend.py)."""
-    from edgeprune.export.exporter import export_bundle
-
-    root = factory.getbasetemp() / "bundles" / f"{loaded.name}-{method}-{k}"
-    if not (root / MANIFEST).is_file():
-        export_bundle(loaded, method, tokens=k, out_dir=root, log=lambda m: None)
-    return root
-
-
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, tiny_llava):
+def built(tmp_path_factory, tiny_llava, exported_bundle):
     """method -> (a copy of its bundle with one engine set, the record), built once with --plugins auto."""
     out = {}
     for method in ("gridprune", "gprune"):
         root = tmp_path_factory.mktemp(f"build-{method}") / "bundle"
-        shutil.copytree(exported(tmp_path_factory, tiny_llava, method, 64), root)
+        shutil.copytree(exported_bundle(tiny_llava, method, 64), root)  # the session's (tests/conftest.py)
         out[method] = root, B.build_bundle(B.BuildRequest(bundle=root, opt_level=0), log_line=lambda m: None,
                                            device_cc=NO_GPU)
     return out
@@ -111,9 +101,9 @@ def test_interrupted_build_leaves_previous_state(built, monkeypatch):
     assert [p.name for p in (root / "engines").iterdir()] == [rec["dir"].split("/")[1]]
 
 
-def test_timing_cache_and_explicit_target(tmp_path, tiny_llava, tmp_path_factory):
+def test_timing_cache_and_explicit_target(tmp_path, tiny_llava, exported_bundle):
     root = tmp_path / "b"
-    shutil.copytree(exported(tmp_path_factory, tiny_llava, "gprune", 64), root)
+    shutil.copytree(exported_bundle(tiny_llava, "gprune", 64), root)
     cache = tmp_path / "timing.cache"
     rec = B.build_bundle(B.BuildRequest(bundle=root, opt_level=0, sm=89, timing_cache=cache, plugins="none"),
                          log_line=lambda m: None, device_cc=NO_GPU)

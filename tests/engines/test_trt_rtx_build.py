@@ -97,31 +97,15 @@ def _plugin_layers(fl, onnx_path):
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory, tiny_llava):
-    """case name -> bundle directory, exported on first use; the first export's model graphs are reused."""
-    from edgeprune.export.exporter import export_bundle
-
-    base = tmp_path_factory.getbasetemp() / "bundles"
-    first = base / "tiny-llava-cls-topk-64"
-
+def bundles(exported_bundle, tiny_llava, tiny_recipe):
+    """case name -> bundle directory: the session's (tests/conftest.py), exported on first use and reusing the
+    cls-topk bundle's model graphs; FitPrune gets the session's small hand-made recipe (the graph types matter
+    here, not the fit)."""
     def get(name):
         method, k, args = _case(name)
-        suffix = "".join(f"-{a}={v}" for a, v in sorted(args.items()))
-        if method == "fitprune":  # a small hand-made recipe: the graph types matter here, not the fit
-            from edgeprune.methods.fitprune_recipe import Recipe, save_recipe
-
-            recipe = base / "fitprune-recipe.json"
-            if not recipe.is_file():
-                base.mkdir(parents=True, exist_ok=True)
-                save_recipe(Recipe(budget=0.5, n_visual=576, num_layers=4, drops=(100, 100, 100, 0)), str(recipe))
-            args, suffix = {"recipe": str(recipe)}, "-recipe"
-        root = base / f"tiny-llava-{method}-{k}{suffix}"
-        if not (root / MANIFEST).is_file():
-            if root != first:
-                get("cls-topk")
-            export_bundle(tiny_llava, method, tokens=k, method_args=args, out_dir=root, log=lambda m: None,
-                          reuse_from=None if root == first else first)
-        return root
+        if method == "fitprune":
+            args = {"recipe": str(tiny_recipe)}
+        return exported_bundle(tiny_llava, method, k, args)
 
     return get
 

@@ -30,34 +30,25 @@ K = 64
 QUIET = {"log": lambda msg: None}
 
 
-def bundle_dir(factory, loaded, method, tokens=None, reuse=None, method_args=None):
-    """Export once per test session (an atomic export leaves a directory only when it is complete); the names
-    match tests/runtime/test_ort_backend.py's, so both files share the bundles of a session."""
-    root = factory.getbasetemp() / "bundles" / f"{loaded.name}-{method}-{tokens}"
-    if not (root / MANIFEST).is_file():
-        export_bundle(loaded, method, tokens=tokens, out_dir=root, reuse_from=reuse, method_args=method_args, **QUIET)
-    return root
+class _Lazy(dict):
+    """name -> bundle, exported on first use (a test that needs only cls-topk does not wait for the others)."""
 
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
 
-def recipe_path(factory):
-    """The FitPrune recipe of the session (same file and drops as tests/runtime/test_ort_backend.py)."""
-    path = factory.getbasetemp() / "tiny-recipe.json"
-    if not path.is_file():
-        save_recipe(Recipe(budget=0.5, n_visual=576, num_layers=4, drops=(100, 200, 0, 50)), path)
-    return path
+    def __missing__(self, name):
+        self[name] = self.make(name)
+        return self[name]
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory, tiny_llava):
-    """cls-topk exported in full; the others reuse its vision/embed/decoder graphs where the specs match."""
-    cls = bundle_dir(tmp_path_factory, tiny_llava, "cls-topk", K)
-    fastv = bundle_dir(tmp_path_factory, tiny_llava, "fastv", K, reuse=cls)
-    return {"cls-topk": cls, "none": bundle_dir(tmp_path_factory, tiny_llava, "none", reuse=cls),
-            "uniform": bundle_dir(tmp_path_factory, tiny_llava, "uniform", 100, reuse=cls),
-            "gridprune": bundle_dir(tmp_path_factory, tiny_llava, "gridprune", K, reuse=cls),
-            "gprune": bundle_dir(tmp_path_factory, tiny_llava, "gprune", K, reuse=cls), "fastv": fastv,
-            "fitprune": bundle_dir(tmp_path_factory, tiny_llava, "fitprune", None, reuse=fastv,
-                                   method_args={"recipe": str(recipe_path(tmp_path_factory))})}
+def bundles(exported_bundle, tiny_llava, tiny_recipe):
+    """The session's bundles (tests/conftest.py): cls-topk in full, the others reusing its model graphs."""
+    specs = {"cls-topk": ("cls-topk", K), "none": ("none", None), "uniform": ("uniform", 100),
+             "gridprune": ("gridprune", K), "gprune": ("gprune", K), "fastv": ("fastv", K),
+             "fitprune": ("fitprune", None, {"recipe": str(tiny_recipe)})}
+    return _Lazy(lambda name: exported_bundle(tiny_llava, *specs[name]))
 
 
 def tie_cases(n, rng):
@@ -204,6 +195,7 @@ def test_llm_attention_is_restored_after_a_failed_export(tiny_llava):
         assert lm.config._attn_implementation == before  # SDPA lowers to the fused op at opset 23
 
 
+@pytest.mark.slow  # a second full export (no reuse)
 def test_no_ort_variant_writes_the_portable_decoder_only(tmp_path, tiny_llava):
     out = tmp_path / "b"
     m = export_bundle(tiny_llava, "none", out_dir=out, ort_variant=False, **QUIET)
@@ -246,6 +238,7 @@ def test_gridprune_bundle_records_its_guidance(bundles):
     assert {n.op_type for n in proto.graph.node if n.domain == "edgeprune"} == {"ZonalTopK"}
 
 
+@pytest.mark.slow  # FastV and FitPrune prefill/decoder exports
 def test_gprune_and_in_llm_bundles(bundles):
     gp = _manifest(bundles["gprune"])
     assert gp["method"]["fused_op"] == "GraphRank" and gp["graphs"]["prune"]["num_groups"] == 1
@@ -263,6 +256,7 @@ def test_gprune_and_in_llm_bundles(bundles):
     assert fit["files"]["decoder.onnx.data"] == fastv["files"]["decoder.onnx.data"]
 
 
+@pytest.mark.slow  # two more GridPrune exports
 def test_clip_graphs_are_reused_only_from_the_same_clip(bundles, tiny_llava, tmp_path):
     from edgeprune.models.clip_guidance import build_tiny_clip
 
@@ -384,6 +378,7 @@ def test_fingerprint_ignores_save_bookkeeping_but_not_weights(tmp_path):
     assert model_fingerprint(loaded.model) != before
 
 
+@pytest.mark.slow  # a second full export (no reuse)
 def test_a_failing_variant_is_skipped_not_fatal(tmp_path, tiny_llava, monkeypatch):
     """The fused decoder is an optimisation: when its export fails the bundle keeps the portable decoder, says
     why in the manifest and the log, and leaves no partial variant file."""

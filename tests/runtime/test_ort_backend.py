@@ -20,9 +20,7 @@ import torch
 from edgeprune.api import build_pipeline
 from edgeprune.errors import BackendError
 from edgeprune.methods.base import Budget
-from edgeprune.methods.fitprune_recipe import Recipe, save_recipe
 from edgeprune.runtime.backend import InLLMRequest
-from edgeprune.export.exporter import export_bundle
 from edgeprune.bundle import BundleError, open_bundle
 from edgeprune.bundle.format import MANIFEST
 from edgeprune.runtime.ort_backend import OrtBackend, TokenizersCodec, build_ort_pipeline, resolve_providers
@@ -39,43 +37,31 @@ BUDGETS = {"none": None, "cls-topk": 64, "uniform": 100, "random": 50}
 # The methods with fused-op prune graphs or in-LLM decoders: name -> (method, K, method args).
 METHODS = {"gridprune": ("gridprune", 64, {}), "gridprune-llm": ("gridprune", 64, {"guidance": "llm"}),
            "gprune": ("gprune", 64, {}), "fastv": ("fastv", 64, {}), "fitprune": ("fitprune", None, "recipe")}
-RECIPE_DROPS = (100, 200, 0, 50)  # a FitPrune recipe for the 4-layer tiny models (fitted at N = 576)
+RECIPE_DROPS = (100, 200, 0, 50)  # tests/conftest.py's recipe for the 4-layer tiny models (fitted at N = 576)
 
 
-def recipe_path(factory):
-    """A FitPrune recipe shared by the session's tests (the same file, so bundles are shared too)."""
-    path = factory.getbasetemp() / "tiny-recipe.json"
-    if not path.is_file():
-        save_recipe(Recipe(budget=0.5, n_visual=576, num_layers=4, drops=RECIPE_DROPS), path)
-    return path
+def bundle_dir(get, loaded, method, tokens=None, reuse=None, method_args=None):
+    """The session's bundle (``get`` is the ``exported_bundle`` factory of tests/conftest.py: one export per
+    model, method, K and arguments, shared with the other test files); ``reuse``: the bundle whose model graphs
+    it reuses (default: the model's cls-topk K=64 bundle)."""
+    return get(loaded, method, tokens, method_args, reuse=reuse or True)
 
 
-def bundle_dir(factory, loaded, method, tokens=None, reuse=None, method_args=None, tag=""):
-    """Export once per test session (an atomic export leaves a directory only when it is complete); the names
-    follow the other test files' (``{model}-{method}-{K}[-arg=value...]``) so a full run exports each once."""
-    root = factory.getbasetemp() / "bundles" / f"{loaded.name}-{method}-{tokens}{tag}"
-    if not (root / MANIFEST).is_file():
-        export_bundle(loaded, method, tokens=tokens, out_dir=root, reuse_from=reuse, method_args=method_args,
-                      log=lambda msg: None)
-    return root
-
-
-def method_bundle(factory, loaded, name, reuse):
+def method_bundle(get, loaded, name, reuse):
     """The bundle of ``METHODS[name]``; returns (root, method, K, method args as strings)."""
     method, k, args = METHODS[name]
     if args == "recipe":
-        args = {"recipe": str(recipe_path(factory))}
+        args = {"recipe": str(get.recipe)}  # drops RECIPE_DROPS
     k = k if loaded.name == "tiny-llava" or k is None else 160
-    tag = "".join(f"-{a}={b}" for a, b in sorted(args.items()) if a != "recipe")
-    return bundle_dir(factory, loaded, method, k, reuse, args, tag), method, k, args
+    return bundle_dir(get, loaded, method, k, reuse, args), method, k, args
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory, tiny_llava):
-    cls = bundle_dir(tmp_path_factory, tiny_llava, "cls-topk", 64)
-    return {"cls-topk": cls, "none": bundle_dir(tmp_path_factory, tiny_llava, "none", reuse=cls),
-            "uniform": bundle_dir(tmp_path_factory, tiny_llava, "uniform", 100, reuse=cls),
-            "random": bundle_dir(tmp_path_factory, tiny_llava, "random", 50, reuse=cls)}
+def bundles(exported_bundle, tiny_llava):
+    cls = bundle_dir(exported_bundle, tiny_llava, "cls-topk", 64)
+    return {"cls-topk": cls, "none": bundle_dir(exported_bundle, tiny_llava, "none", reuse=cls),
+            "uniform": bundle_dir(exported_bundle, tiny_llava, "uniform", 100, reuse=cls),
+            "random": bundle_dir(exported_bundle, tiny_llava, "random", 50, reuse=cls)}
 
 
 def run_stages(backend, image, k, positions, force=None, in_llm=None):
@@ -193,11 +179,11 @@ def reuse_for(factory, loaded, name, base):
 
 
 @pytest.mark.parametrize("name", list(METHODS))
-def test_ort_matches_torch_for_fused_and_in_llm_methods(name, bundles, tmp_path_factory, tiny_llava, rgb_image):
+def test_ort_matches_torch_for_fused_and_in_llm_methods(name, bundles, exported_bundle, tiny_llava, rgb_image):
     """GridPrune (CLIP / LLM guidance) and G-Prune: same kept indices through the fused-op graphs; FastV and
     FitPrune: same survivors, per-layer visual counts and ragged cache lengths, logits within TOL."""
-    root, method, k, args = method_bundle(tmp_path_factory, tiny_llava, name,
-                                          reuse_for(tmp_path_factory, tiny_llava, name, bundles["cls-topk"]))
+    root, method, k, args = method_bundle(exported_bundle, tiny_llava, name,
+                                          reuse_for(exported_bundle, tiny_llava, name, bundles["cls-topk"]))
     be = OrtBackend(root)
     ref = build_pipeline("", method, tokens=k, loaded=tiny_llava, method_args=args).backend
     in_llm = Budget(tokens=k) if be.bundle.method["placement"] == "in_llm" else None
@@ -210,10 +196,10 @@ def test_ort_matches_torch_for_fused_and_in_llm_methods(name, bundles, tmp_path_
 
 
 @pytest.mark.parametrize("name", ["fastv", "fitprune"])
-def test_in_llm_pipeline_tokens_and_layer_counts_equal_torch(name, bundles, tmp_path_factory, tiny_llava,
+def test_in_llm_pipeline_tokens_and_layer_counts_equal_torch(name, bundles, exported_bundle, tiny_llava,
                                                                rgb_image):
-    root, method, k, args = method_bundle(tmp_path_factory, tiny_llava, name,
-                                          reuse_for(tmp_path_factory, tiny_llava, name, bundles["cls-topk"]))
+    root, method, k, args = method_bundle(exported_bundle, tiny_llava, name,
+                                          reuse_for(exported_bundle, tiny_llava, name, bundles["cls-topk"]))
     pipe = build_ort_pipeline(root)
     ref = build_pipeline("", method, tokens=k, loaded=tiny_llava, method_args=args)
     pipe.backend.eos_token_id = ref.backend.eos_token_id = None
@@ -243,10 +229,10 @@ def test_pipeline_tokens_and_kept_equal_torch(bundles, tiny_llava, rgb_image):
 
 
 @pytest.mark.parametrize("name", ["cls-topk", "gridprune", "fitprune"])
-def test_runtime_path_imports_neither_torch_nor_transformers(name, bundles, tmp_path_factory, tiny_llava):
+def test_runtime_path_imports_neither_torch_nor_transformers(name, bundles, exported_bundle, tiny_llava):
     """The guidance stage (CLIP tokenizer + text graph) and the ragged in-LLM cache need no torch either."""
     root, method, k, args = (bundles["cls-topk"], "cls-topk", 64, {}) if name == "cls-topk" else method_bundle(
-        tmp_path_factory, tiny_llava, name, reuse_for(tmp_path_factory, tiny_llava, name, bundles["cls-topk"]))
+        exported_bundle, tiny_llava, name, reuse_for(exported_bundle, tiny_llava, name, bundles["cls-topk"]))
     code = ("import json, sys\nfrom edgeprune.cli import main\n"
             f"rc = main(['run', '--bundle', {str(root)!r}, '--max-new-tokens', '4', '--json', "
             f"'--prompt', {PROMPT!r}])\n"
@@ -350,9 +336,9 @@ def test_cli_run_bundle_happy_path_and_missing_bundle(bundles, capsys, tmp_path)
 # ----------------------------------------------------------------------------------- LLaVA-NeXT (~90 s: -m "not slow")
 @pytest.mark.slow
 @pytest.mark.parametrize("method,k", [("cls-topk", 160), ("uniform", 200)])
-def test_next_ort_matches_torch_reference(method, k, tmp_path_factory, tiny_llava_next, rgb_image):
-    cls = bundle_dir(tmp_path_factory, tiny_llava_next, "cls-topk", 160)
-    root = cls if method == "cls-topk" else bundle_dir(tmp_path_factory, tiny_llava_next, method, k, reuse=cls)
+def test_next_ort_matches_torch_reference(method, k, exported_bundle, tiny_llava_next, rgb_image):
+    cls = bundle_dir(exported_bundle, tiny_llava_next, "cls-topk", 160)
+    root = cls if method == "cls-topk" else bundle_dir(exported_bundle, tiny_llava_next, method, k, reuse=cls)
     be = OrtBackend(root)
     assert be.bundle.method["n"] is None and be.bundle.manifest["vision"]["newline_file"]
     ref = build_pipeline("", method, tokens=k, loaded=tiny_llava_next).backend
@@ -361,12 +347,12 @@ def test_next_ort_matches_torch_reference(method, k, tmp_path_factory, tiny_llav
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gridprune", "gprune", "fastv", "fitprune"])
-def test_next_fused_and_in_llm_methods_match_torch(name, tmp_path_factory, tiny_llava_next, rgb_image):
+def test_next_fused_and_in_llm_methods_match_torch(name, exported_bundle, tiny_llava_next, rgb_image):
     """Image-dependent N: zone / group ids from the host layout, K split over the groups in the graph, FastV's
     N - K and FitPrune's rescaled drops as shape arithmetic, newline tokens never dropped."""
-    cls = bundle_dir(tmp_path_factory, tiny_llava_next, "cls-topk", 160)
-    root, method, k, args = method_bundle(tmp_path_factory, tiny_llava_next, name,
-                                          reuse_for(tmp_path_factory, tiny_llava_next, name, cls))
+    cls = bundle_dir(exported_bundle, tiny_llava_next, "cls-topk", 160)
+    root, method, k, args = method_bundle(exported_bundle, tiny_llava_next, name,
+                                          reuse_for(exported_bundle, tiny_llava_next, name, cls))
     be = OrtBackend(root)
     ref = build_pipeline("", method, tokens=k, loaded=tiny_llava_next, method_args=args).backend
     in_llm = Budget(tokens=k) if be.bundle.method["placement"] == "in_llm" else None
