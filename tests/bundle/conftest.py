@@ -1,4 +1,4 @@
-"""One exported bundle for the bundle tests (cls-topk, K = 16, no fused-attention variant), copied per test."""
+"""The session's tiny-llava cls-topk bundle (K = 64, tests/conftest.py's ``exported_bundle``), copied per test."""
 
 from __future__ import annotations
 
@@ -13,12 +13,9 @@ from edgeprune.bundle.format import MANIFEST, sha256_file
 
 
 @pytest.fixture(scope="session")
-def exported(tmp_path_factory, tiny_llava) -> Path:
-    from edgeprune.export.exporter import export_bundle
-
-    out = tmp_path_factory.mktemp("bundle-src") / "b"
-    export_bundle(tiny_llava, "cls-topk", out_dir=out, tokens=16, ort_variant=False, log=lambda msg: None)
-    return out
+def exported(exported_bundle, tiny_llava) -> Path:
+    """Shared with the other test modules: never modify it (the ``bundle`` fixture gives a private copy)."""
+    return exported_bundle(tiny_llava, "cls-topk", 64)
 
 
 class Copy:

@@ -35,7 +35,7 @@ def refused(root, match, capsys=None):
 
 def test_the_exported_bundle_opens(bundle):
     b = open_bundle(bundle.root)
-    assert set(b.graphs) == {"vision", "prune", "embed", "decoder"} and b.k == 16
+    assert set(b.graphs) == {"vision", "prune", "embed", "decoder"} and b.k == 64
 
 
 # ------------------------------------------------------------------------------------------------ confinement
@@ -121,8 +121,8 @@ def test_k_edit_with_a_matching_spec_edit_is_refused(bundle):
             t["dims"][1] = 8
 
     bundle.edit(change)
-    refused(bundle.root, "method.k is 8 but vision.onnx was exported for 16")
-    bundle.edit(lambda m: m["method"].update(k=16))
+    refused(bundle.root, "method.k is 8 but vision.onnx was exported for 64")
+    bundle.edit(lambda m: m["method"].update(k=64))
     refused(bundle.root, "graphs.prune.spec is .* but prune.onnx was exported for")
 
 
