@@ -261,6 +261,7 @@ def build_bundle(r: BuildRequest, *, log_line: Callable[[str], None] | None = No
                                  flavour=plan.flavour, settings=plan.settings)
                 for msg in b.warnings:
                     log.warning("%s: %s", name, msg)
+                _check_plugin_layers(plan, name, b.plugin_layers)
                 builds[name] = b
                 report(f"{name}: {b.nbytes / 2**20:.1f} MiB in {b.parse_s + b.build_s:.2f} s"
                        + (f", plugin layers {b.plugin_layers}" if b.plugin_layers else ""))
@@ -288,6 +289,22 @@ def _graph_to_parse(plan: BuildPlan, name: str, parse_dir: Path) -> Path:
         raise BuildError(f"internal error: {name}: plugin modes {prepared.modes} differ from the plan's "
                          f"{plan.plugin_modes}")
     return Path(prepared.path)
+
+
+def _check_plugin_layers(plan: BuildPlan, name: str, layers: list[str]) -> None:
+    """The plan must be what the record will say: plugin layers exactly where a plugin mode was chosen.
+
+    Raises:
+        BuildError: the parser inlined a node that should be a plugin, or the reverse.
+    """
+    op = plan.bundle.manifest["graphs"][name].get("fused_op")
+    mode = plan.plugin_modes.get(op, ("none", ""))[0] if op else "none"
+    if mode != "none" and not layers:
+        raise BuildError(f"{name}: {op} was to build as a {mode} plugin, but the parser built its ONNX body "
+                         f"(is the creator registered?); rerun with --plugins none to build the body on purpose")
+    if mode == "none" and layers:
+        raise BuildError(f"{name}: plugin layers {layers} in a graph whose fused ops build as standard ops "
+                         "(a creator registered in this process took the node)")
 
 
 def _record(plan: BuildPlan, builds: Mapping[str, Any], seconds: float) -> dict[str, Any]:
