@@ -152,7 +152,13 @@ class Recipe:
 
 def scale_drops(drops: Sequence[int], n_from: int, n_to: int) -> list[int]:
     """Rescale drop counts fitted for ``n_from`` tokens to ``n_to``: ``floor(d · n_to / n_from)``, the authors'
-    integer truncation (their LLaVA-NeXT recipes are fitted at 2880 and scaled by N_img / 2880)."""
+    integer truncation (their LLaVA-NeXT recipes are fitted at 2880 and scaled by N_img / 2880).
+
+    LLaVA-NeXT newline tokens: the authors count them as prunable (N includes them, and they can be dropped);
+    we keep every newline token and count N without them, as every other method here does (and as G-Prune's
+    authors do; METHODS.md decision 5), so that one K or one recipe means the same image-token budget across
+    methods, and the row structure the LLM was trained on survives pruning. Our recipes therefore drop slightly fewer tokens per
+    layer than the authors' on NeXT (the ~N/24 newline tokens are never dropped); LLaVA-1.5 has none."""
     return [int(d) * int(n_to) // int(n_from) for d in drops]
 
 
@@ -257,6 +263,13 @@ def search_alpha(simulate: Callable[[float], tuple[bool, T]], tol: float = ALPHA
     FLOPs budget was reached. Reached → α_hi = α, else α_lo = α, until ``α_hi - α_lo < tol``. The result is
     the smallest tested α that reached the budget; when none did, α = 1 (prune as much as the criterion
     allows) is simulated and returned with ``reached = False``.
+
+    Deliberate difference from the authors' code, which returns the *last* α it evaluated: that α is the final
+    ``hi`` (budget met) or the final ``lo`` (budget missed), so their recipe can miss the budget it was fitted
+    for by up to one bisection step (running both side by side, the recipes differed in 2 of 6
+    configurations). We keep the smallest tested α that met the budget: the recipe always meets its budget
+    when any tested α did, and among those it prunes least (the two rules agree whenever the last tested α
+    met the budget).
 
     Args:
         simulate: α -> (reached, result).
