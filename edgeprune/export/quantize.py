@@ -13,7 +13,8 @@ a bias): the head is the largest matrix of a small model (mini-llava: 65 of its 
 
 - ``rtn``: ONNX Runtime's default block-wise round-to-nearest (``DefaultWeightOnlyQuantConfig``), asymmetric
   (a zero point per block), int4 or int8. No calibration data.
-- ``hqq``: Half-Quadratic Quantization (``HQQWeightOnlyQuantConfig``, int4 only): optimises each block's scale
+- ``hqq``: Half-Quadratic Quantization (``HQQWeightOnlyQuantConfig``; int4 only: the CPU kernel does not run
+  8-bit weights with its float zero points): optimises each block's scale
   and zero point against the weights; no calibration data; needs torch (an export dependency anyway).
 - ``awq``: refused with a reason. ONNX Runtime 1.32's only AWQ is ``nvidia_awq``, which needs the
   ``nvidia-modelopt`` package and a calibration data reader over real activations; edgeprune ships neither.
@@ -25,8 +26,9 @@ fast path on the CPUs measured (benchmarks/RESULTS.md, "Weight-only quantization
 a slow dequantize-then-fp32 path there.
 
 Formats (``--weights-format``, :data:`FORMATS`). ``matmulnbits`` (default): every LLM file gets MatMulNBits, a
-``com.microsoft`` contrib op: ONNX Runtime runs it; TensorRT 10.x does not, and TensorRT for RTX 1.7 imports it
-only with fp16 activations (its parser: "input tensor A must be FP16"), which these fp32 graphs are not. ``qdq``:
+``com.microsoft`` contrib op: ONNX Runtime runs it; TensorRT for RTX 1.7 imports it only with fp16 activations
+(its parser: "input tensor A must be FP16"), which these fp32 graphs are not; TensorRT 10.x's documented route
+is the next one. ``qdq``:
 the portable graph (``decoder.onnx``, which TensorRT builds) gets the form TensorRT takes for weight-only
 quantization, symmetric block-wise ``DequantizeLinear`` (int4 with ``block_size``, opset 21; int8 is refused:
 the quantizer has no int8 QDQ form) before a
@@ -128,8 +130,8 @@ def weight_config(weights: str | None, block_size: int | None = None, method: st
                           "nvidia-modelopt package and calibration activations, which edgeprune does not ship; "
                           "use rtn (default) or hqq")
     if method == "hqq" and weights != "int4":
-        raise ExportError(f"--quant-method hqq quantizes to int4 only in ONNX Runtime 1.32; got --weights "
-                          f"{weights}; use --quant-method rtn for int8")
+        raise ExportError(f"--quant-method hqq is int4 only: ONNX Runtime 1.32's CPU MatMulNBits does not run 8-bit "
+                          f"weights with HQQ's float zero points; got --weights {weights}; use --quant-method rtn")
     if dtype != "fp32":
         raise ExportError(f"--weights needs --dtype fp32 (the quantizer keeps fp32 activations and scales); got "
                           f"--dtype {dtype}")
@@ -412,9 +414,9 @@ def manifest_section(cfg: WeightConfig | None, graphs: Mapping[str, Any]) -> dic
     if cfg is None:
         return {}
     quantized = [name for name, e in graphs.items() if e.get("weights")]
-    return {"weights": {**cfg.to_dict(), "graphs": quantized,
-                        "files": [f for name in quantized for f in
-                                  [graphs[name]["file"], *[v["file"] for v in (graphs[name].get("variants") or {}).values()]]]}}
+    files = [f for name in quantized
+             for f in [graphs[name]["file"], *[v["file"] for v in (graphs[name].get("variants") or {}).values()]]]
+    return {"weights": {**cfg.to_dict(), "graphs": quantized, "files": files}}
 
 
 def same_weights(entry: Mapping[str, Any], cfg: WeightConfig | None, is_llm: bool) -> bool:

@@ -162,7 +162,7 @@ def test_quantize_proto_on_a_toy_graph(scheme, block, method, bound):
     (["--weights", "int4", "--block-size", "7"], "--block-size must be one of 32, 64, 128; got 7"),
     (["--weights", "int4", "--quant-method", "awq"], "awq is not available"),
     (["--weights", "int4", "--quant-method", "gptq"], "--quant-method must be one of"),
-    (["--weights", "int8", "--quant-method", "hqq"], "hqq quantizes to int4 only"),
+    (["--weights", "int8", "--quant-method", "hqq"], "hqq is int4 only"),
     (["--weights", "int4", "--dtype", "fp16"], "--weights needs --dtype fp32"),
     (["--weights", "int4", "--quant-accuracy-level", "5"], "--quant-accuracy-level must be one of"),
     (["--block-size", "32"], "--block-size only applies to weight-only quantization"),
@@ -236,3 +236,13 @@ def test_tensorrt_rtx_builds_the_qdq_form_and_not_fp32_matmulnbits(tmp_path):
         else:
             with pytest.raises(EngineBuildError, match="MatMulNBits"):
                 rtx.build_engine(path, profile, tmp_path / "toy_nbits.plan", flavour="tensorrt-rtx")
+
+
+def test_in_llm_kept_tokens_of_a_quantized_bundle_are_compared_by_overlap():
+    from edgeprune.eval.compare import Checker, quantized_tolerance
+
+    ck = Checker(quantized_tolerance({"scheme": "int8"}, "fp32"), ("torch", "ort"))
+    check = ck.overlap("prefill", "kept", np.array([1, 2, 3, 5]), np.array([1, 2, 3, 4]))
+    assert check.passed and check.kind == "overlap" and check.mismatches == 1 and "3/4 shared" in check.detail
+    assert not ck.overlap("prefill", "kept", np.array([1, 2]), np.array([1, 2, 3])).passed  # K must match
+    assert quantized_tolerance(None, "fp32") is None and quantized_tolerance({"scheme": "int4"}, "fp32").logits == 0.6
