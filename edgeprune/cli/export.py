@@ -35,7 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q = p.add_argument_group("weight-only quantization (LLM graphs; see docs/quantization.md)")
     q.add_argument("--weights", metavar="int4|int8",
                    help="store the decoder's (and FastV/FitPrune prefill's) weights in 4 or 8 bits with ONNX "
-                        "Runtime's MatMulNBits (ONNX Runtime only, not TensorRT); vision/prune/embed stay --dtype")
+                        "Runtime's MatMulNBits (for TensorRT see --weights-format qdq); vision/prune/embed stay "
+                        "--dtype")
     q.add_argument("--block-size", type=int, metavar="32|64|128", help="weights per scale (default: 32)")
     q.add_argument("--quant-method", metavar="rtn|hqq",
                    help="rtn: round-to-nearest (default); hqq: half-quadratic, int4 only; awq is not available")
