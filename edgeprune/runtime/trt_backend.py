@@ -215,6 +215,12 @@ class TrtRunner:
             raise BackendError(f"the {self.name} engine has inputs {inputs} and outputs "
                                f"{sorted(set(names) - set(inputs))}, the bundle's graph {self.spec.input_names} -> "
                                f"{self.spec.output_names}; {rebuild}")
+        # Inputs TensorRT reads on the host (shape tensors: values that decide output shapes, e.g. the in-LLM
+        # prefill's visual_count): bound to host memory, as ``get_tensor_location`` says.
+        host_loc = getattr(getattr(api.trt, "TensorLocation", None), "HOST", None)
+        self._host_inputs = {n for n in inputs if host_loc is not None
+                             and self.engine.get_tensor_location(n) == host_loc}
+        self._host_arrays: dict[str, np.ndarray] = {}
         self.context = self.engine.create_execution_context()
         self.profiles = int(self.engine.num_optimization_profiles)
         self.profile = 0
@@ -241,6 +247,12 @@ class TrtRunner:
             self.profile = index
 
     def _bind_input(self, name: str, value: np.ndarray | DeviceTensor) -> None:
+        if name in self._host_inputs:  # a shape tensor: TensorRT reads it from host memory at enqueue
+            host = self._host_arrays[name] = np.ascontiguousarray(value, dtype=self._dtypes[name])
+            if not self.context.set_input_shape(name, tuple(host.shape)):
+                raise BackendError(f"{self.name}: input {name!r} shape {list(host.shape)} is outside the profile")
+            self.context.set_tensor_address(name, int(host.ctypes.data))
+            return
         if isinstance(value, np.ndarray):
             host = np.ascontiguousarray(value, dtype=self._dtypes[name])
             buf = self.scratch(f"in:{name}", host.nbytes)

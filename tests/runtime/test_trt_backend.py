@@ -122,6 +122,7 @@ def test_ragged_cache_lengths_follow_the_prefill(engines):
     prefill_lengths = result.profile.counters["cache_lengths"]
     assert cache.lengths[::2] == [n + NEW - 1 for n in prefill_lengths] and cache.lengths[::2] == cache.lengths[1::2]
     assert len(set(prefill_lengths)) > 1  # ragged: FastV drops tokens after its layer
+    assert be.runners["prefill"]._host_inputs == {"visual_start", "visual_count"}  # shape tensors, host-bound
 
 
 def test_decoder_refuses_pre_llm_prefill_on_an_in_llm_bundle(engines):

@@ -12,6 +12,7 @@ recorded. It checks the backend's bookkeeping, not TensorRT.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import time
 import types
@@ -84,6 +85,16 @@ class FakeDevice:
         return 1e3 * (end - start)
 
 
+# Inputs the double treats as TensorRT shape tensors (read from host memory at enqueue), as a real engine may for
+# the values that decide the in-LLM prefill's output lengths.
+HOST_INPUTS = {"visual_start", "visual_count"}
+
+
+def _host_read(ptr: int, shape, dtype) -> np.ndarray:
+    n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return np.frombuffer(ctypes.string_at(ptr, n), dtype=dtype).reshape(shape).copy()
+
+
 class _Context:
     def __init__(self, engine: "_Engine") -> None:
         self.engine, self.profile = engine, 0
@@ -132,7 +143,8 @@ class _Context:
 
     def execute_async_v3(self, stream: int) -> bool:
         spec, dev = self.engine.spec, self.engine.device
-        feeds = {t.name: dev.read(self.addrs[t.name], self.shapes[t.name], t.np_dtype) for t in spec.inputs}
+        feeds = {t.name: (_host_read if t.name in HOST_INPUTS else dev.read)(self.addrs[t.name], self.shapes[t.name],
+                                                                              t.np_dtype) for t in spec.inputs}
         outs = self.session.run(spec.output_names, feeds)
         self.engine.history.append(("run", self.profile, {k: v.shape for k, v in feeds.items()}))
         for t, arr in zip(spec.outputs, outs):
@@ -164,6 +176,9 @@ class _Engine:
 
     def get_tensor_mode(self, name: str) -> str:
         return "input" if name in self.spec.input_names else "output"
+
+    def get_tensor_location(self, name: str) -> str:
+        return "host" if name in HOST_INPUTS else "device"
 
     def create_execution_context(self) -> _Context:
         return _Context(self)
@@ -200,7 +215,8 @@ def fake_trt(bundle, key: str, device: FakeDevice) -> types.SimpleNamespace:
             return made[name]
 
     return types.SimpleNamespace(Runtime=Runtime, ILogger=ILogger, IOutputAllocator=IOutputAllocator,
-                                 TensorIOMode=types.SimpleNamespace(INPUT="input", OUTPUT="output"), engines=made)
+                                 TensorIOMode=types.SimpleNamespace(INPUT="input", OUTPUT="output"),
+                                 TensorLocation=types.SimpleNamespace(HOST="host", DEVICE="device"), engines=made)
 
 
 def fake_api(bundle, key: str, *, flavour=None, version=None, cc=None, register=True) -> TrtApi:
