@@ -37,6 +37,14 @@ BUDGETS = {"none": None, "cls-topk": 64, "uniform": 100, "random": 50}
 # The methods with fused-op prune graphs or in-LLM decoders: name -> (method, K, method args).
 METHODS = {"gridprune": ("gridprune", 64, {}), "gridprune-llm": ("gridprune", 64, {"guidance": "llm"}),
            "gprune": ("gprune", 64, {}), "fastv": ("fastv", 64, {}), "fitprune": ("fitprune", None, "recipe")}
+IN_LLM = ("fastv", "fitprune")  # their prefill/ragged-decoder exports take ~40 s each: `pytest -m slow`
+
+
+def params(names):
+    """Parametrize over method names, marking the in-LLM ones slow (run by CI's `pytest -m slow`)."""
+    return [pytest.param(n, id=n, marks=[pytest.mark.slow] if n in IN_LLM else []) for n in names]
+
+
 RECIPE_DROPS = (100, 200, 0, 50)  # tests/conftest.py's recipe for the 4-layer tiny models (fitted at N = 576)
 
 
@@ -178,7 +186,7 @@ def reuse_for(factory, loaded, name, base):
     return method_bundle(factory, loaded, "fastv", base)[0] if name == "fitprune" else base
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", params(METHODS))
 def test_ort_matches_torch_for_fused_and_in_llm_methods(name, bundles, exported_bundle, tiny_llava, rgb_image):
     """GridPrune (CLIP / LLM guidance) and G-Prune: same kept indices through the fused-op graphs; FastV and
     FitPrune: same survivors, per-layer visual counts and ragged cache lengths, logits within TOL."""
@@ -195,6 +203,7 @@ def test_ort_matches_torch_for_fused_and_in_llm_methods(name, bundles, exported_
         assert np.allclose(be.guidance(long_question), ref.guidance(long_question).numpy(), atol=1e-5)
 
 
+@pytest.mark.slow  # the in-LLM bundles (see IN_LLM)
 @pytest.mark.parametrize("name", ["fastv", "fitprune"])
 def test_in_llm_pipeline_tokens_and_layer_counts_equal_torch(name, bundles, exported_bundle, tiny_llava,
                                                                rgb_image):
@@ -228,7 +237,7 @@ def test_pipeline_tokens_and_kept_equal_torch(bundles, tiny_llava, rgb_image):
     assert again.tokens == got.tokens
 
 
-@pytest.mark.parametrize("name", ["cls-topk", "gridprune", "fitprune"])
+@pytest.mark.parametrize("name", params(["cls-topk", "gridprune", "fitprune"]))
 def test_runtime_path_imports_neither_torch_nor_transformers(name, bundles, exported_bundle, tiny_llava):
     """The guidance stage (CLIP tokenizer + text graph) and the ragged in-LLM cache need no torch either."""
     root, method, k, args = (bundles["cls-topk"], "cls-topk", 64, {}) if name == "cls-topk" else method_bundle(
