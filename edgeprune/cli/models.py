@@ -39,7 +39,8 @@ def main(args: argparse.Namespace) -> int:
         save_preset_atomic(model, tok, img, args.out)
         print(f"wrote {args.save} to {args.out}")
         return 0
-    rows = [{"name": p.name, "family": p.family, "weights": p.hf_id or ("trained (packaged)" if p.weights else "random (offline)"),
+    rows = [{"name": p.name, "family": p.family,
+             "weights": p.hf_id or ("trained (packaged)" if p.weights else "random (offline)"),
              "description": p.description} for p in PRESETS.values()]
     if args.json:
         print(json.dumps(rows, indent=2))

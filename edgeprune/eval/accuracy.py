@@ -125,8 +125,9 @@ def resume_document(path: Path, fresh: dict[str, Any]) -> dict[str, Any]:
         if old.get(key) != fresh[key]:
             raise EdgepruneError(f"--out {str(path)!r} holds results for {key} {old.get(key)!r}, not "
                                  f"{fresh[key]!r}; choose another --out to start afresh")
+    known = old.get("items", {})
     if old.get("data", {}).get("spec") != fresh["data"]["spec"] or any(
-            old.get("items", {}).get(i, {}).get("answers") not in (None, v["answers"]) for i, v in fresh["items"].items()):
+            known.get(i, {}).get("answers") not in (None, v["answers"]) for i, v in fresh["items"].items()):
         raise EdgepruneError(f"--out {str(path)!r} holds results for other data ({old.get('data', {}).get('spec')!r});"
                              " choose another --out to start afresh")
     old["items"] = {**old.get("items", {}), **fresh["items"]}

@@ -157,8 +157,9 @@ def scale_drops(drops: Sequence[int], n_from: int, n_to: int) -> list[int]:
     LLaVA-NeXT newline tokens: the authors count them as prunable (N includes them, and they can be dropped);
     we keep every newline token and count N without them, as every other method here does (and as G-Prune's
     authors do; METHODS.md decision 5), so that one K or one recipe means the same image-token budget across
-    methods, and the row structure the LLM was trained on survives pruning. Our recipes therefore drop slightly fewer tokens per
-    layer than the authors' on NeXT (the ~N/24 newline tokens are never dropped); LLaVA-1.5 has none."""
+    methods, and the row structure the LLM was trained on survives pruning. Our recipes therefore drop
+    slightly fewer tokens per layer than the authors' on NeXT (the ~N/24 newline tokens are never dropped);
+    LLaVA-1.5 has none."""
     return [int(d) * int(n_to) // int(n_from) for d in drops]
 
 
