@@ -162,14 +162,15 @@ def export_bundles(combos: Sequence[Combo], loaded: Any, opts: EvalOptions, root
                    log: Callable[[str], None]) -> None:
     """One bundle per ORT combination under ``root`` (model graphs shared through ``reuse_from``); an existing
     bundle of the same method and budget there (``--bundle-dir`` of an earlier run) is used as it is."""
-    from ..export.exporter import export_bundle
+    from ..export.exporter import export_bundle, model_fingerprint
 
     first: str | None = None
+    fingerprint = model_fingerprint(loaded.model)
     for c in combos:
         if c.backend != "ort" or c.bundle is not None:
             continue
         out = root / f"{c.method}-{c.k if c.k is not None else 'all'}"
-        if not _matching_bundle(out, c):
+        if not _matching_bundle(out, c, fingerprint, opts):
             log(f"export {c.label} -> {out}")
             export_bundle(loaded, c.method, out_dir=out, tokens=c.k, method_args=c.method_args or None,
                           dtype=opts.dtype, opset=opts.opset, reuse_from=first, clip=opts.clip, force=out.exists(),
@@ -177,15 +178,22 @@ def export_bundles(combos: Sequence[Combo], loaded: Any, opts: EvalOptions, root
         c.bundle, first = str(out), first or str(out)
 
 
-def _matching_bundle(path: Path, c: Combo) -> bool:
+def _matching_bundle(path: Path, c: Combo, fingerprint: str, opts: EvalOptions) -> bool:
+    """True when ``path`` holds a bundle of these weights (fingerprint), dtype, opset, method, budget and
+    arguments: a stale bundle of other weights in ``--bundle-dir`` is re-exported, never reused."""
     manifest = path / "manifest.json"
     if not manifest.is_file():
         return False
     try:
-        m = json.loads(manifest.read_text()).get("method", {})
+        doc = json.loads(manifest.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return m.get("name") == c.method and (m.get("k") if m.get("uses_budget") else None) == c.k
+    m, model = doc.get("method", {}), doc.get("model", {})
+    params = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in (m.get("params") or {}).items()}
+    return (model.get("fingerprint") == fingerprint and model.get("dtype") == opts.dtype
+            and doc.get("opset") == opts.opset and m.get("name") == c.method
+            and (m.get("k") if m.get("uses_budget") else None) == c.k
+            and all(params.get(k) == v for k, v in c.method_args.items()))
 
 
 def build_pipelines(combos: Sequence[Combo], loaded: Any, opts: EvalOptions, cache: dict) -> None:

@@ -78,3 +78,19 @@ def test_eval_malformed_jsonl_line_is_one_error_line(tmp_path, capsys):
     code = main(["eval", "--data", str(bad), "--out", str(tmp_path / "e.json")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "d.jsonl:2: not valid JSON" in err[0]
+
+
+def test_bundle_dir_reuses_only_matching_bundles(tmp_path):
+    from edgeprune.eval.accuracy import Combo, EvalOptions, _matching_bundle
+
+    manifest = {"opset": 18, "model": {"fingerprint": "abc", "dtype": "fp32"},
+                "method": {"name": "uniform", "uses_budget": True, "k": 64, "params": {"positions": "compact"}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    opts = EvalOptions(model="shapes-llava", methods=["uniform"], tokens=[64])
+    assert _matching_bundle(tmp_path, Combo("uniform", 64, "ort"), "abc", opts)
+    assert not _matching_bundle(tmp_path, Combo("uniform", 64, "ort"), "other-weights", opts)
+    assert not _matching_bundle(tmp_path, Combo("uniform", 32, "ort"), "abc", opts)
+    assert not _matching_bundle(tmp_path, Combo("uniform", 64, "ort", {"positions": "original"}), "abc", opts)
+    assert not _matching_bundle(tmp_path, Combo("uniform", 64, "ort"), "abc", EvalOptions(
+        model="shapes-llava", methods=["uniform"], tokens=[64], opset=23))
+    assert not _matching_bundle(tmp_path / "missing", Combo("uniform", 64, "ort"), "abc", opts)
