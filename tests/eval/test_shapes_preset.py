@@ -57,3 +57,14 @@ def test_ort_bundle_answers_as_torch(tmp_path, slice_items):
     assert ort_preds == torch_preds  # same answer text on every item: exact accuracy parity
     ort_row = next(r for r in doc["results"] if r["label"] == "uniform@64/ort")
     assert ort_row["agree_torch"] == 1.0
+    # the exported bundle evaluates on its own (method and K from its manifest), with its torch twin
+    from edgeprune.cli import main
+
+    out = tmp_path / "bundle.json"
+    assert main(["eval", "--bundle", str(tmp_path / "bundles" / "uniform-64"), "--backends", "ort,torch",
+                 "--data", "shapes:4", "--max-new-tokens", "3", "--out", str(out)]) == 0
+    import json
+
+    doc = json.loads(out.read_text())
+    assert [r["label"] for r in doc["results"]] == ["uniform@64/ort", "uniform@64/torch"]
+    assert doc["predictions"]["uniform@64/ort"] == {k: torch_preds[k] for k in doc["predictions"]["uniform@64/ort"]}
