@@ -15,15 +15,10 @@ from edgeprune.cli import main
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory, tiny_llava):
-    """A copy of the session's tiny-llava ``none`` bundle (same path scheme as the runtime tests)."""
-    from edgeprune.export.exporter import export_bundle
-
-    src = tmp_path_factory.getbasetemp() / "bundles" / f"{tiny_llava.name}-none-None"
-    if not (src / MANIFEST).is_file():
-        export_bundle(tiny_llava, "none", out_dir=src, log=lambda m: None)
+def bundle(tmp_path_factory, exported_bundle, tiny_llava):
+    """A copy of the session's tiny-llava ``none`` bundle (tests/conftest.py's ``exported_bundle``)."""
     root = tmp_path_factory.mktemp("build-cli") / "bundle"
-    shutil.copytree(src, root)
+    shutil.copytree(exported_bundle(tiny_llava, "none"), root)
     return root
 
 

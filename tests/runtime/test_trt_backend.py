@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from edgeprune.bundle import open_bundle
-from edgeprune.bundle.format import MANIFEST
 from edgeprune.errors import BackendError, EdgepruneError
 from edgeprune.runtime.ort_backend import build_ort_pipeline
 from edgeprune.runtime.preprocess import default_image
@@ -30,18 +29,8 @@ PROMPT = "What does the sign say?"
 NEW = 6
 
 
-def exported(factory, loaded, method, k):
-    """A session-wide bundle (same path scheme as test_ort_backend.py, so a full run exports it once)."""
-    from edgeprune.export.exporter import export_bundle
-
-    root = factory.getbasetemp() / "bundles" / f"{loaded.name}-{method}-{k}"
-    if not (root / MANIFEST).is_file():
-        export_bundle(loaded, method, tokens=k, out_dir=root, log=lambda m: None)
-    return root
-
-
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory, tiny_llava):
+def engines(tmp_path_factory, exported_bundle, tiny_llava):
     """method -> (bundle copy with a TensorRT-RTX engine set built at opt level 0, its key)."""
     pytest.importorskip("tensorrt_rtx_bindings")
     from edgeprune.engines.build import BuildRequest, build_bundle
@@ -51,7 +40,7 @@ def engines(tmp_path_factory, tiny_llava):
     def get(method):
         if method not in cache:
             root = tmp_path_factory.mktemp(f"trt-{method}") / "bundle"
-            shutil.copytree(exported(tmp_path_factory, tiny_llava, method, 64), root)
+            shutil.copytree(exported_bundle(tiny_llava, method, 64), root)
             rec = build_bundle(BuildRequest(bundle=root, opt_level=0), log_line=lambda m: None,
                                device_cc=lambda: None)
             cache[method] = root, rec["dir"].split("/")[1]
@@ -133,8 +122,8 @@ def test_decoder_refuses_pre_llm_prefill_on_an_in_llm_bundle(engines):
         be.prefill(np.zeros((1, 3, 64), np.float32), np.arange(3))
 
 
-def test_bundle_without_engines_refused(tmp_path_factory, tiny_llava):
-    root = exported(tmp_path_factory, tiny_llava, "gprune", 64)
+def test_bundle_without_engines_refused(exported_bundle, tiny_llava):
+    root = exported_bundle(tiny_llava, "gprune", 64)
     from edgeprune.runtime.trt_backend import TrtApi, select_engine_set
 
     api = TrtApi(trt=None, device=None, flavour="tensorrt", version="10.16.0", cc=90)
@@ -154,23 +143,22 @@ def test_no_usable_tensorrt_is_one_clear_error():
 
 # ------------------------------------------------------------------------------ real TensorRT (pytest -m trt)
 @pytest.fixture
-def real_trt(tmp_path_factory, tiny_llava):
+def real_trt():
     pytest.importorskip("tensorrt")
     from edgeprune.runtime.cuda_mem import device_compute_capability
 
     if device_compute_capability() is None:
         pytest.skip("no CUDA device")
-    return tmp_path_factory
 
 
 @pytest.mark.trt
 @pytest.mark.parametrize("method", ["gridprune", "fastv"])
-def test_real_tensorrt_build_run_and_compare(real_trt, tiny_llava, method, tmp_path):
+def test_real_tensorrt_build_run_and_compare(real_trt, exported_bundle, tiny_llava, method, tmp_path):
     from edgeprune.cli import main
     from edgeprune.eval.compare import compare_bundle
 
     root = tmp_path / "bundle"
-    shutil.copytree(exported(real_trt, tiny_llava, method, 64), root)
+    shutil.copytree(exported_bundle(tiny_llava, method, 64), root)
     assert main(["build", "--bundle", str(root), "--flavour", "tensorrt", "--opt-level", "0"]) == 0
     got = _run(build_trt_pipeline(root))
     ref = _run(build_ort_pipeline(root, decoder="portable"))
