@@ -11,6 +11,7 @@ import pytest
 
 from edgeprune._deps import available
 from edgeprune.cli import main
+from edgeprune.eval import checks as K
 from edgeprune.eval import compare as C
 from edgeprune.bundle.format import MANIFEST
 from edgeprune.runtime.ort_backend import OrtBackend
@@ -85,7 +86,7 @@ def test_other_methods_pass(method, args, extra, method_bundle):
 
 
 def test_zero_tolerance_fails_with_exit_1(bundle, capsys, monkeypatch):
-    strict = {k: C.with_tolerance(t, value=0.0, attention=0.0) for k, t in C.TOLERANCES.items()}
+    strict = {k: K.with_tolerance(t, value=0.0, attention=0.0) for k, t in K.TOLERANCES.items()}
     monkeypatch.setattr(C, "TOLERANCES", strict)
     code, out, _ = _cli(capsys, "--bundle", bundle, "--max-new-tokens", 2, "--json")
     assert code == 1
@@ -117,7 +118,7 @@ def test_perturbed_logits_fail_logits_and_tokens(bundle, capsys, monkeypatch):
 def test_numpy_fallback_gives_the_same_verdicts(bundle, monkeypatch):
     """Polygraphy is optional: without it numpy applies the same rules (CI may run either path)."""
     with_poly = C.compare_bundle(bundle, max_new_tokens=2)  # Polygraphy when installed, else numpy
-    monkeypatch.setattr(C, "available", lambda name: False)
+    monkeypatch.setattr(K, "available", lambda name: False)
     plain = C.compare_bundle(bundle, max_new_tokens=2)
     assert plain.comparator.startswith("numpy") and plain.passed
     assert with_poly.comparator.startswith("polygraphy" if available("polygraphy.comparator") else "numpy")
@@ -128,7 +129,7 @@ def test_numpy_fallback_gives_the_same_verdicts(bundle, monkeypatch):
     monkeypatch.undo()
     # ... and on failures: the checker itself, both ways
     for poly in (True, False):
-        ck = C.Checker(C.TOLERANCES["fp32"], ("torch", "ort"))
+        ck = K.Checker(K.TOLERANCES["fp32"], ("torch", "ort"))
         ck.polygraphy = poly and ck.polygraphy
         ref = np.linspace(-3, 3, 11)
         assert ck.close("s", "x", ref + 2e-4, ref).passed  # scale max(1, 3): bound 3e-4

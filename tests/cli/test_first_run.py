@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from edgeprune.cli import main
-from edgeprune.eval.compare import TOLERANCES, Check, CompareReport
+from edgeprune.eval.checks import TOLERANCES, Check, CompareReport
 
 
 def test_compare_table_puts_the_checked_absolute_error_beside_its_bound():

@@ -239,7 +239,7 @@ def test_tensorrt_rtx_builds_the_qdq_form_and_not_fp32_matmulnbits(tmp_path):
 
 
 def test_in_llm_kept_tokens_of_a_quantized_bundle_are_compared_by_overlap():
-    from edgeprune.eval.compare import Checker, quantized_tolerance
+    from edgeprune.eval.checks import Checker, quantized_tolerance
 
     ck = Checker(quantized_tolerance({"scheme": "int8"}, "fp32"), ("torch", "ort"))
     check = ck.overlap("prefill", "kept", np.array([1, 2, 3, 5]), np.array([1, 2, 3, 4]))
