@@ -18,25 +18,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from typing import Callable
 
 
-def time_cuda(fn: Callable[[], object], warmup: int, repeat: int) -> float:
-    """Median milliseconds of ``fn`` measured with CUDA events (one event pair per call)."""
-    import torch
+def time_cuda(fn, warmup: int, repeat: int) -> float:
+    """Median milliseconds of ``fn`` with CUDA events (edgeprune.bench.roofline.cuda_event_seconds)."""
+    from edgeprune.bench.roofline import cuda_event_seconds
 
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(cuda_event_seconds(fn, repeat, warmup)) * 1e3
 
 
 def bench_zonal(n: int, batch: int, args) -> list[tuple]:

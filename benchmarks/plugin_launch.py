@@ -32,21 +32,10 @@ SIZES = [("ZonalTopK", 576, 64), ("ZonalTopK", 576, 192), ("ZonalTopK", 2880, 32
 
 
 def time_cuda(fn, warmup: int, repeat: int) -> float:
-    """Median milliseconds of ``fn`` with CUDA events (one event pair per call)."""
-    import torch
+    """Median milliseconds of ``fn`` with CUDA events (edgeprune.bench.roofline.cuda_event_seconds)."""
+    from edgeprune.bench.roofline import cuda_event_seconds
 
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(cuda_event_seconds(fn, repeat, warmup)) * 1e3
 
 
 def _triton_wrapper(case):

@@ -359,7 +359,6 @@ def heldout(model, tok, n_images: int, seed: int) -> dict:
     for name, k, conv in (("all-576", 576, "compact"), ("random-64-original", 64, "original"),
                           ("random-64-compact", 64, "compact"), ("random-32-original", 32, "original")):
         right = total = 0
-        per: dict[str, list[int]] = {}
         for i in range(0, n_images, 16):
             bs = samples[i:i + 16]
             kept = (np.tile(np.arange(576), (len(bs), 1)) if k == 576 else

@@ -64,9 +64,13 @@ def _timed(fn: Callable[[], Any], repeat: int, sync: Callable[[], None] | None =
     return out
 
 
-def _cuda_timed(torch: Any, fn: Callable[[], Any], repeat: int) -> list[float]:
-    """Seconds of ``repeat`` calls measured with CUDA events (one pair per call) after a warm-up."""
-    fn()
+def cuda_event_seconds(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> list[float]:
+    """Seconds of ``repeat`` calls of ``fn`` on the current CUDA stream, one CUDA event pair per call, after
+    ``warmup`` calls (the benchmarks' kernel and plugin timings use it too)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize()
     out = []
     for _ in range(repeat):
@@ -88,13 +92,12 @@ def measure_gemm_torch(dtype: str, device: str, side: int, repeat: int = REPEATS
     a = torch.randn(side, side, device=device).to(torch_dtype(dtype))
     b = torch.randn(side, side, device=device).to(torch_dtype(dtype))
     fn = lambda: torch.matmul(a, b)  # noqa: E731
-    secs = _cuda_timed(torch, fn, repeat) if device.startswith("cuda") else _timed(fn, repeat)
+    secs = cuda_event_seconds(fn, repeat) if device.startswith("cuda") else _timed(fn, repeat)
     return 2.0 * side ** 3 / _best(secs)
 
 
 def _gemm_model(side: int, dtype: str) -> bytes:
     """A one-node ONNX graph ``y = x @ w`` with ``w`` a constant ``[side, side]`` initializer."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     np_dtype = _NP_DTYPES[dtype]
@@ -149,7 +152,7 @@ def measure_copy(device: str, nbytes: int, repeat: int = REPEATS) -> float:
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     fn = lambda: dst.copy_(src)  # noqa: E731
-    secs = _cuda_timed(torch, fn, repeat) if device.startswith("cuda") else _timed(fn, repeat)
+    secs = cuda_event_seconds(fn, repeat) if device.startswith("cuda") else _timed(fn, repeat)
     return 2.0 * src.numel() * 4 / _best(secs)
 
 

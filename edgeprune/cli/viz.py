@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from ..errors import EdgepruneError, MethodArgumentError, UnknownMethodError
+from ..errors import EdgepruneError, MethodArgumentError
 from ._common import add_method_args, add_model_args, check_output_file
 
 DEFAULT_METHODS = "cls-topk,uniform,gridprune,gprune"

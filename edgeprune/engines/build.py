@@ -36,16 +36,15 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 from ..bundle.format import ENGINES_DIR, MANIFEST, sha256_file
 from ..bundle.manifest import write_json_atomic
 from ..errors import EdgepruneError
+from ..progress import progress
 from .capability import FLAVOURS, TrtFlavour, detect
 from .rtx import BuildSettings, build_engine, bundle_profiles
 
@@ -82,7 +81,7 @@ class BuildPlan:
     """Everything decided before the first engine is built (so every refusal comes first)."""
 
     request: BuildRequest
-    bundle: Any  # runtime.bundle.Bundle
+    bundle: Any  # edgeprune.bundle.Bundle
     flavour: TrtFlavour
     cc: int
     settings: BuildSettings
@@ -255,7 +254,7 @@ def build_bundle(r: BuildRequest, *, log_line: Callable[[str], None] | None = No
     start = time.perf_counter()
     try:
         builds = {}
-        with _progress(len(plan.graphs), log_line) as report:
+        with progress(len(plan.graphs), "build", "engine", log_line) as report:
             for name in plan.graphs:
                 b = build_engine(_graph_to_parse(plan, name, parse_dir), plan.profiles[name], tmp / f"{name}.plan",
                                  flavour=plan.flavour, settings=plan.settings)
@@ -344,28 +343,3 @@ def _install(root: Path, tmp: Path, rel_dir: str, key: str, record: Mapping[str,
             os.replace(old, final)
         raise
     shutil.rmtree(old, ignore_errors=True)
-
-
-@contextmanager
-def _progress(total: int, sink: Callable[[str], None] | None) -> Iterator[Callable[[str], None]]:
-    """One report per finished engine: ``sink``, else a tqdm bar on stderr, else numbered lines on stderr."""
-    if sink is not None:
-        yield sink
-        return
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        done = [0]
-
-        def line(msg: str) -> None:
-            done[0] += 1
-            print(f"[{done[0]}/{total}] {msg}", file=sys.stderr, flush=True)
-
-        yield line
-        return
-    with tqdm(total=total, desc="build", unit="engine", file=sys.stderr, leave=False) as bar:
-        def report(msg: str) -> None:
-            bar.write(msg, file=sys.stderr)
-            bar.update(1)
-
-        yield report

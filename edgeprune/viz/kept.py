@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..methods.base import TokenLayout
-from ..runtime.anyres import grid_shape, select_best_resolution
+from ..runtime.anyres import select_best_resolution
 from ..runtime.preprocess import ImageConfig
 
 __all__ = ["MethodPanel", "ViewMap", "compose", "render_method_panel", "save_png", "token_boxes", "view_maps",

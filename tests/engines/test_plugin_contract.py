@@ -239,7 +239,7 @@ def test_launcher_records_the_contract(op, attrs, compiled):
 
 def test_dry_run_of_the_check_cases(compiled):
     torch = pytest.importorskip("torch")
-    from edgeprune.engines.plugins.check import allocate, make_case, run_case
+    from edgeprune.engines.plugins.check import make_case, run_case
 
     kernels = {k: ck for (sm, k), ck in compiled.items() if sm == 90}
     for op, n, k in (("ZonalTopK", 2880, 320), ("GraphRank", 576, 64)):

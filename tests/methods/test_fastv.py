@@ -12,7 +12,6 @@ from edgeprune.errors import BudgetError, MethodArgumentError
 from edgeprune.methods import Budget, TokenLayout, VisualTokens, inllm
 from edgeprune.methods.fastv import FastV, FastVParams
 from edgeprune.methods.functional import stable_topk
-from edgeprune.runtime.pipeline import position_ids
 
 from _inllm_inputs import eager_attentions, unpruned_inputs  # noqa: E402  (shared test helper)
 

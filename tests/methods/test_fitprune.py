@@ -18,7 +18,6 @@ from edgeprune.methods import inllm
 from edgeprune.methods import fitprune_fn as F
 from edgeprune.methods import fitprune_recipe as R
 from edgeprune.methods.fitprune import FitPrune, FitPruneParams
-from edgeprune.runtime.pipeline import position_ids
 
 from _inllm_inputs import eager_attentions, unpruned_inputs  # noqa: E402  (shared test helper)
 
