@@ -13,8 +13,8 @@ Two flavours share the TensorRT 10.x builder API (``Builder``, ``OnnxParser``, `
   creators (:mod:`edgeprune.engines.plugins`); without them it inlines the nodes' ONNX local-function bodies
   (standard ops). Deserialising an engine needs a CUDA driver.
 
-House rule 7: a path is never chosen silently; :func:`prune_path` says why it picked plugin or standard ops, and
-:func:`choose_plugin_modes` which plugin flavour (``aot``, ``ipluginv3`` or ``none``) each fused op gets and why.
+House rule 7: a path is never chosen silently; :func:`choose_plugin_modes` says which plugin flavour (``aot``,
+``ipluginv3`` or ``none``) each fused op gets and why.
 
 TensorRT for RTX's ONNX parser and plugins: the parser dlopens ``libtensorrt_rtx.so`` when it meets a
 plugin node, but the ``tensorrt-rtx-cu13-libs`` wheel ships only ``libtensorrt_rtx.so.1``. The failed
@@ -149,37 +149,6 @@ def detect(name: str | None = None) -> TrtFlavour:
     wanted = [name] if name else list(FLAVOURS)
     hints = "; or ".join(f"{FLAVOURS[w][0]}: {FLAVOURS[w][1]}" for w in wanted)
     raise MissingDependencyError(f"{' / '.join(FLAVOURS[w][0] for w in wanted)} is not installed; install {hints}")
-
-
-@dataclass(frozen=True)
-class PrunePath:
-    """The lowering a pruning op gets in an engine, and why (house rule 7)."""
-
-    path: str  # "plugin" or "standard-ops"
-    reason: str
-
-
-def prune_path(flavour: TrtFlavour, k: int, plugin_op: str | None = None) -> PrunePath:
-    """Decide plugin vs standard ops for a pruning op with static budget ``k``.
-
-    Args:
-        flavour: the TensorRT in use.
-        k: the static K of the op's top-K.
-        plugin_op: the fused op's plugin name (``ZonalTopK``, ``GraphRank``), None for methods without one.
-    Returns:
-        The chosen :class:`PrunePath`.
-    Raises:
-        ValueError: K > 3840 and no plugin can take over (the engine could not be built).
-    """
-    topk_ok = k <= NATIVE_TOPK_MAX_K
-    if plugin_op and flavour.aot_plugins:
-        return PrunePath("plugin", f"{plugin_op}: TensorRT {flavour.version} runs Python AOT plugins (PTX in plan)")
-    if topk_ok:
-        why = (f"{plugin_op}: " if plugin_op else "") + (
-            f"no AOT plugin support in {flavour.name} {flavour.version}" if plugin_op else "no fused plugin op")
-        return PrunePath("standard-ops", f"{why}; native TopK handles K = {k} <= {NATIVE_TOPK_MAX_K}")
-    raise ValueError(f"K = {k} exceeds the native TopK limit ({NATIVE_TOPK_MAX_K}) and {flavour.name} "
-                     f"{flavour.version} cannot run the {plugin_op or 'top-K'} plugin; use K <= {NATIVE_TOPK_MAX_K}")
 
 
 def onnx_topk_ks(onnx_path: str) -> list[tuple[str, int | None]]:

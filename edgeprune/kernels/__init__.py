@@ -4,7 +4,8 @@
 * :mod:`.graph_rank`: G-Prune's graph scores + Top-K, a fixed kernel sequence; wrappers :func:`graph_rank`,
   :func:`graph_rank_select`.
 * :mod:`.aot`: :func:`compile_ptx` / :func:`compile_sequence`: PTX (and cubin) for sm_87 / sm_90 / sm_110
-  without a GPU, with the launch contract a TensorRT plugin needs.
+  and the TensorRT-for-RTX targets (sm 75/80/86/89/120/121) without a GPU, with the launch contract a TensorRT
+  plugin needs.
 
 Importing this package imports neither triton nor torch (house rule 4): the AOT names below load their module
 on first access. The wrappers are imported from their modules (``from edgeprune.kernels.zonal_topk import
