@@ -87,4 +87,5 @@ def test_trt_backend_without_usable_tensorrt_exits_2(bundle, capsys, cmd):
     _no_gpu()
     assert main([c.format(b=bundle) for c in cmd]) == 2
     line = _error_line(capsys)
-    assert "is not installed" in line or "no usable CUDA device" in line
+    # what is missing here: TensorRT itself, cuda-python (the rtx extra brings it), or a CUDA device
+    assert any(why in line for why in ("is not installed", "needs cuda-python", "no usable CUDA device")), line
