@@ -369,7 +369,7 @@ def markdown(doc: dict[str, Any]) -> str:
     for backend in dict.fromkeys(r["backend"] for r in rows):
         sub = [r for r in rows if r["backend"] == backend]
         lines += [f"**{backend}**: accuracy % (accuracy kept vs `none`, %)", "",
-                  "| method | " + " | ".join(f"K={k}" for k in ks) + " | all tokens |",
+                  "| " + " | ".join(["method", *(f"K={k}" for k in ks), "all tokens"]) + " |",
                   "|---|" + "---|" * (len(ks) + 1)]
         for method in dict.fromkeys(r["method"] for r in sub):
             cells = []

@@ -94,3 +94,17 @@ def test_bundle_dir_reuses_only_matching_bundles(tmp_path):
     assert not _matching_bundle(tmp_path, Combo("uniform", 64, "ort"), "abc", EvalOptions(
         model="shapes-llava", methods=["uniform"], tokens=[64], opset=23))
     assert not _matching_bundle(tmp_path / "missing", Combo("uniform", 64, "ort"), "abc", opts)
+
+
+@pytest.mark.parametrize("ks", [[64, 32], []])
+def test_markdown_tables_have_as_many_cells_as_their_header(ks):
+    """Budgets or none at all (FitPrune carries its recipe, so its rows have no K): header, separator and rows agree."""
+    from edgeprune.eval.accuracy import markdown
+
+    rows = [{"backend": "torch", "method": m, "k": k, "label": f"{m}@{k}", "accuracy": 0.5, "accuracy_kept": 1.0,
+             "per_type": {"color": 0.5}, "agree_unpruned": 1.0, "agree_torch": None}
+            for m, k in [("none", None), *(("uniform", k) for k in ks), ("fitprune", None)]]
+    text = markdown({"results": rows, "data": {"spec": "shapes:4", "n": 4}, "model": "shapes-llava", "command": "x"})
+    for table in text.split("\n\n"):
+        cells = [line.count("|") for line in table.splitlines() if line.startswith("|")]
+        assert len(set(cells)) <= 1, table
