@@ -222,18 +222,19 @@ def zonal_topk(scores: torch.Tensor, zone: torch.Tensor, quotas: torch.Tensor, k
     below the zone's quota.
 
     Args:
-        scores: [B, N] float scores (no NaN).
+        scores: [B, N] float scores; no NaN (+-inf are ordinary ranks, as in the fused ZonalTopK kernel).
         zone: [N] int64 zone ids.
         quotas: [B, Z] int64 quotas with ``sum == k`` and ``k_z <= n_z``.
         k: the budget.
     Returns:
         [B, K] int64 kept indices, ascending.
     Raises:
-        ValueError: non-finite scores, or quotas that do not keep exactly k tokens (never hidden by a slice).
+        ValueError: NaN scores, or quotas that do not keep exactly k tokens (never hidden by a slice).
     """
     b, n = scores.shape
-    if not bool(torch.isfinite(scores).all()):
-        raise ValueError("GridPrune's local scores hold NaN or inf; they must be finite")
+    if bool(torch.isnan(scores).any()):  # +-inf rank like any value (so does the fused kernel); NaN has no rank
+        raise ValueError("GridPrune's local scores hold NaN, which has no rank (the method refuses non-finite "
+                         "inputs before this)")
     zone = zone.to(scores.device)
     by_score = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # [B, N]
     zone_of = zone[by_score]

@@ -7,6 +7,7 @@ test, so "before the expensive work" is checked, not timed.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -19,14 +20,6 @@ def _no_cuda() -> bool:
     import torch
 
     return not torch.cuda.is_available()
-
-
-def _no_compiled_triton_on_cpu() -> bool:
-    try:
-        from edgeprune.kernels.zonal_topk import is_interpreted
-    except ImportError:  # no triton: the error is the missing extra, also exit 2
-        return True
-    return _no_cuda() and not is_interpreted()
 
 
 # (argv, a phrase the error must contain, whether the model may be built first)
@@ -75,8 +68,6 @@ if _no_cuda():
     CASES["device cuda without CUDA"] = (["run", "--device", "cuda"], "sees no CUDA device")
     CASES["viz device cuda without CUDA"] = (["viz", "--method", "uniform", "--device", "cuda:0"],
                                              "sees no CUDA device")
-if _no_compiled_triton_on_cpu():
-    CASES["kernels triton on the CPU"] = (["run", "--method", "gridprune", "--kernels", "triton"], "--kernels")
 
 
 @pytest.fixture
@@ -105,6 +96,21 @@ def test_bad_input_is_one_error_line_exit_2_before_any_model(name, tmp_path, mon
     assert needle in lines[0], lines[0]
     assert "Traceback" not in err and out == ""
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_kernels_triton_on_the_cpu_without_the_interpreter(tmp_path):
+    """--kernels triton on a CPU-only machine without TRITON_INTERPRET: one error line before any model. In a
+    child process, because this test session runs Triton's interpreter (tests/conftest.py)."""
+    pytest.importorskip("triton")
+    if not _no_cuda():
+        pytest.skip("a CUDA device is visible: --kernels triton is valid here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "edgeprune", "run", "--method", "gridprune", "--kernels", "triton"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("edgeprune run: error: ") and "--kernels" in lines[0], lines[0]
+    assert proc.stdout == "" and list(tmp_path.iterdir()) == []
 
 
 def test_trace_is_checked_before_the_request_runs(tmp_path, monkeypatch, capsys):

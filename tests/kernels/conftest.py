@@ -1,14 +1,12 @@
 """Kernel tests: on the Triton CPU interpreter without a GPU, compiled on the GPU when CUDA is present.
 
 ``TRITON_INTERPRET`` is read by triton when it is imported (``@triton.jit`` then builds interpreter objects),
-so it is set here, before any test module imports triton or the kernels. Without triton the whole directory
+so tests/conftest.py sets it before any test module imports triton or the kernels. Without triton the whole directory
 is skipped (each test module calls ``pytest.importorskip("triton")``).
 """
 
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 
@@ -22,8 +20,7 @@ def _cuda_available() -> bool:
 
 
 ON_GPU = _cuda_available()
-if not ON_GPU and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
+# TRITON_INTERPRET=1 is set by tests/conftest.py, before any test module can import triton.
 
 
 @pytest.fixture(autouse=True)
