@@ -238,17 +238,7 @@ class OrtBackend(Backend):
             raise BackendError(f"the bundle {self.bundle.root} has no fused-attention decoder (exported with "
                                "--no-ort-variant); use --ort-decoder auto/portable or re-export it")
         self.runners = {name: self._runner(entry, decoder) for name, entry in self.bundle.graphs.items()}
-        self.image_config = ImageConfig.from_dict(m["preprocessing"])
-        self.template = m["prompt"]["template"]
-        self.eos_token_id = m["prompt"].get("eos_token_id")
-        self.max_positions = int(m["max_positions"])
-        self.codec = TokenizersCodec(self.bundle.path(m["tokenizer"]["file"]),
-                                     bool(m["tokenizer"].get("clean_up_tokenization_spaces", False)))
-        vis = m["vision"]
-        self.view_px, self.patch_px = int(vis["image_size"]), int(vis["patch_size"])
-        self.pinpoints = vis.get("grid_pinpoints")
-        self.newline = None if not vis.get("newline_file") else np.load(self.bundle.path(vis["newline_file"]))
-        self.k = self.bundle.k
+        self._read_host_config()
         dec = self.runners["decoder"].spec
         self._past_names = [n for n in dec.input_names if n.startswith("past_")]
         self._present_names = [n for n in dec.output_names if n.startswith("present_")]
@@ -262,6 +252,22 @@ class OrtBackend(Backend):
         self._spliced: tuple[OrtVisual, np.ndarray] | None = None
         self._ragged_active = False  # the last prefill was in-LLM: decode over the ragged cache
         self._guidance = self._make_guidance(m.get("guidance"))
+
+    def _read_host_config(self) -> None:
+        """The host-side state the stages read from the manifest: preprocessing, prompt, tokenizer, vision
+        geometry, K (shared with :class:`~edgeprune.runtime.trt_backend.TrtBackend`)."""
+        m = self.bundle.manifest
+        self.image_config = ImageConfig.from_dict(m["preprocessing"])
+        self.template = m["prompt"]["template"]
+        self.eos_token_id = m["prompt"].get("eos_token_id")
+        self.max_positions = int(m["max_positions"])
+        self.codec = TokenizersCodec(self.bundle.path(m["tokenizer"]["file"]),
+                                     bool(m["tokenizer"].get("clean_up_tokenization_spaces", False)))
+        vis = m["vision"]
+        self.view_px, self.patch_px = int(vis["image_size"]), int(vis["patch_size"])
+        self.pinpoints = vis.get("grid_pinpoints")
+        self.newline = None if not vis.get("newline_file") else np.load(self.bundle.path(vis["newline_file"]))
+        self.k = self.bundle.k
 
     def _runner(self, entry: GraphEntry, choice: str) -> OrtRunner:
         path, why = choose_graph_file(entry, self.providers, choice)

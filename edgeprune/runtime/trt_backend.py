@@ -38,8 +38,7 @@ import numpy as np
 from ..bundle import Bundle, open_bundle
 from ..bundle.format import member_path, sha256_file
 from ..errors import BackendError
-from .ort_backend import OrtBackend, TokenizersCodec
-from .preprocess import ImageConfig
+from .ort_backend import OrtBackend
 
 log = logging.getLogger(__name__)
 
@@ -367,21 +366,10 @@ class TrtBackend(OrtBackend):
 
     def _init_host(self) -> None:
         """The host-side state :class:`OrtBackend`'s stages read (its constructor sets the same fields)."""
-        m = self.bundle.manifest
-        self.image_config = ImageConfig.from_dict(m["preprocessing"])
-        self.template = m["prompt"]["template"]
-        self.eos_token_id = m["prompt"].get("eos_token_id")
-        self.max_positions = int(m["max_positions"])
-        self.codec = TokenizersCodec(self.bundle.path(m["tokenizer"]["file"]),
-                                     bool(m["tokenizer"].get("clean_up_tokenization_spaces", False)))
-        vis = m["vision"]
-        self.view_px, self.patch_px = int(vis["image_size"]), int(vis["patch_size"])
-        self.pinpoints = vis.get("grid_pinpoints")
-        self.newline = None if not vis.get("newline_file") else np.load(self.bundle.path(vis["newline_file"]))
-        self.k = self.bundle.k
+        self._read_host_config()
         self._spliced = None
         self._ragged, self._ragged_active = None, False
-        self._guidance = self._make_guidance(m.get("guidance"))
+        self._guidance = self._make_guidance(self.bundle.manifest.get("guidance"))
 
     def synchronize(self) -> None:
         self.api.device.synchronize()
